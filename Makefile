@@ -1,0 +1,35 @@
+# Two commands for a new user: `make serve` and `make test`. Both install into .venv first when needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tq_installed
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast serve lint format bench loadtest
+
+# Re-installs only when pyproject.toml changed since the last install; a no-op otherwise.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip uv
+	$(VENV)/bin/uv pip install --python $(PY) -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# pytest exits 5 when it collects nothing, and make fails on any non-zero exit: an empty suite cannot pass.
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+serve: install
+	$(PY) -m tq_serve $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: install
+	$(PY) -m tq_serve.bench distortion --head-dim 128 --bits 1 2 3 4
