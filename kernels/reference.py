@@ -1,0 +1,193 @@
+"""Torch reference of attention over the packed KV pool, in the rotated domain (DESIGN.md section 3).
+
+These are the semantics every Triton kernel must match on the same packed data, and the CPU serving path itself.
+Only the slots a batch names are read, never the whole pool; nothing is de-rotated per token:
+
+    score_i = sm_scale * (n_i (R q) . c[idx_i]  [+ n_i gamma_i sqrt(pi/2)/d (S R q) . s_i])
+    out     = R^T (sum_i p_i n_i c[idx_i]  [+ sqrt(pi/2)/d S^T sum_i p_i n_i gamma_i s_i])
+
+Pool tensors, one per layer and per K/V: uint8 (num_slots, num_kv_heads, bytes_per_vector) of that layer's
+VectorLayout. GQA: query head h reads KV head h // (num_q_heads // num_kv_heads).
+
+Batch metadata as SGLang's Triton backend passes it:
+
+    decode   q (B, Hq, d); request b reads slots kv_indices[kv_indptr[b] : kv_indptr[b+1]]
+    extend   q (T, Hq, d); request b owns query rows qo_indptr[b] : qo_indptr[b+1] (its new tokens) and slots
+             kv_indices[kv_indptr[b] : kv_indptr[b+1]] = its prefix followed by its new tokens, which write_kv has
+             already stored (write first, then attend: a later prefix-cache hit sees exactly the same K/V)
+
+                 kv slots:  | prefix (cached)  | new tokens |
+                 query i of the new tokens sees kv positions < prefix_len + i + 1
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .quantizer import TurboQuantizer
+
+
+def _check_pool(name: str, pool: torch.Tensor, qz: TurboQuantizer) -> None:
+    if pool.dtype != torch.uint8 or pool.dim() != 3 or pool.shape[-1] != qz.layout.bytes_per_vector:
+        raise ValueError(
+            f"{name}: expected uint8 (slots, kv_heads, {qz.layout.bytes_per_vector}) for {qz.layout}, "
+            f"got {pool.dtype} {tuple(pool.shape)}"
+        )
+
+
+def _check_indices(name: str, indices: torch.Tensor, num_slots: int) -> None:
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_slots):
+        raise IndexError(
+            f"{name} holds slots in [{int(indices.min())}, {int(indices.max())}] but the pool has {num_slots} slots"
+        )
+
+
+def write_kv(
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out_cache_loc: torch.Tensor,
+    k_quantizer: TurboQuantizer,
+    v_quantizer: TurboQuantizer,
+) -> None:
+    """Quantize k, v (T, Hkv, d) and store them at pool slots out_cache_loc (T,), in place."""
+    _check_pool("k_pool", k_pool, k_quantizer)
+    _check_pool("v_pool", v_pool, v_quantizer)
+    if k.shape != v.shape or k.dim() != 3 or k.shape[1] != k_pool.shape[1] or k.shape[0] != out_cache_loc.numel():
+        raise ValueError(
+            f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be (tokens, {k_pool.shape[1]}, head_dim) with "
+            f"tokens = len(out_cache_loc) = {out_cache_loc.numel()}"
+        )
+    _check_indices("out_cache_loc", out_cache_loc, k_pool.shape[0])
+    loc = out_cache_loc.long()
+    k_pool[loc] = k_quantizer.quantize(k)
+    v_pool[loc] = v_quantizer.quantize(v)
+
+
+def attend_packed(
+    q: torch.Tensor,
+    k_packed: torch.Tensor,
+    v_packed: torch.Tensor,
+    k_quantizer: TurboQuantizer,
+    v_quantizer: TurboQuantizer,
+    sm_scale: float,
+    logit_cap: float = 0.0,
+    causal_offset: int | None = None,
+) -> torch.Tensor:
+    """One request: q (Lq, Hq, d) over packed k/v (Lk, Hkv, bytes) -> (Lq, Hq, d) float32.
+
+    causal_offset = Lk - Lq makes query i see keys < causal_offset + i + 1; None attends to all keys.
+    """
+    lq, hq, d = q.shape
+    lk, hkv = k_packed.shape[:2]
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    group = hq // hkv
+    q_rot, q_qjl = k_quantizer.rotate_query(q.view(lq, hkv, group, d))
+    k_vals, k_qjl = k_quantizer.rotated(k_packed)  # (Lk, Hkv, d)
+    scores = torch.einsum("qhgd,khd->hgqk", q_rot, k_vals)
+    if k_qjl is not None:
+        scores += torch.einsum("qhgd,khd->hgqk", q_qjl, k_qjl)
+    scores *= sm_scale
+    if logit_cap > 0:
+        scores = logit_cap * torch.tanh(scores / logit_cap)
+    if causal_offset is not None:
+        pos_q = torch.arange(lq, device=q.device).unsqueeze(1) + causal_offset
+        visible = torch.arange(lk, device=q.device).unsqueeze(0) <= pos_q
+        scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    v_vals, v_qjl = v_quantizer.rotated(v_packed)
+    acc = torch.einsum("hgqk,khd->qhgd", probs, v_vals)
+    acc_qjl = None if v_qjl is None else torch.einsum("hgqk,khd->qhgd", probs, v_qjl)
+    return v_quantizer.unrotate_output(acc, acc_qjl).reshape(lq, hq, d)
+
+
+def packed_scores(q: torch.Tensor, k_packed: torch.Tensor, k_quantizer: TurboQuantizer) -> torch.Tensor:
+    """Raw scores <q, k~> for q (Lq, H, d) and packed keys (Lk, H, bytes), in the rotated domain: (H, Lq, Lk)."""
+    q_rot, q_qjl = k_quantizer.rotate_query(q)
+    k_vals, k_qjl = k_quantizer.rotated(k_packed)
+    scores = torch.einsum("qhd,khd->hqk", q_rot, k_vals)
+    if k_qjl is not None:
+        scores += torch.einsum("qhd,khd->hqk", q_qjl, k_qjl)
+    return scores
+
+
+def _check_attention_args(q, k_pool, v_pool, kv_indptr, kv_indices, k_quantizer, v_quantizer) -> None:
+    _check_pool("k_pool", k_pool, k_quantizer)
+    _check_pool("v_pool", v_pool, v_quantizer)
+    if q.dim() != 3 or q.shape[-1] != k_quantizer.layout.head_dim:
+        raise ValueError(f"q must be (rows, q_heads, {k_quantizer.layout.head_dim}), got {tuple(q.shape)}")
+    if q.shape[1] % k_pool.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of the pool's KV heads ({k_pool.shape[1]})")
+    if kv_indptr.dim() != 1 or int(kv_indptr[-1]) > kv_indices.numel():
+        raise ValueError(f"kv_indptr (ends at {int(kv_indptr[-1])}) overruns kv_indices ({kv_indices.numel()})")
+    _check_indices("kv_indices", kv_indices[: int(kv_indptr[-1])], k_pool.shape[0])
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    k_quantizer: TurboQuantizer,
+    v_quantizer: TurboQuantizer,
+    sm_scale: float,
+    logit_cap: float = 0.0,
+) -> torch.Tensor:
+    """One new token per request: q (B, Hq, d) -> (B, Hq, d) in q.dtype."""
+    _check_attention_args(q, k_pool, v_pool, kv_indptr, kv_indices, k_quantizer, v_quantizer)
+    if kv_indptr.numel() != q.shape[0] + 1:
+        raise ValueError(f"kv_indptr must have batch + 1 = {q.shape[0] + 1} entries, got {kv_indptr.numel()}")
+    out = torch.zeros_like(q)
+    bounds = kv_indptr.tolist()
+    for b in range(q.shape[0]):
+        slots = kv_indices[bounds[b] : bounds[b + 1]].long()
+        if slots.numel() == 0:
+            continue
+        out[b] = attend_packed(
+            q[b : b + 1], k_pool[slots], v_pool[slots], k_quantizer, v_quantizer, sm_scale, logit_cap
+        )[0].to(q.dtype)
+    return out
+
+
+def extend_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    k_quantizer: TurboQuantizer,
+    v_quantizer: TurboQuantizer,
+    sm_scale: float,
+    logit_cap: float = 0.0,
+) -> torch.Tensor:
+    """New tokens of each request, causal over prefix + themselves: q (T, Hq, d) -> (T, Hq, d) in q.dtype."""
+    _check_attention_args(q, k_pool, v_pool, kv_indptr, kv_indices, k_quantizer, v_quantizer)
+    if qo_indptr.numel() != kv_indptr.numel() or int(qo_indptr[-1]) != q.shape[0]:
+        raise ValueError(
+            f"qo_indptr ({qo_indptr.numel()} entries, ends at {int(qo_indptr[-1])}) must match kv_indptr "
+            f"({kv_indptr.numel()} entries) and q rows ({q.shape[0]})"
+        )
+    out = torch.zeros_like(q)
+    qo, kv = qo_indptr.tolist(), kv_indptr.tolist()
+    for b in range(len(qo) - 1):
+        n_new, n_kv = qo[b + 1] - qo[b], kv[b + 1] - kv[b]
+        if n_new == 0:
+            continue
+        if n_kv < n_new:
+            raise ValueError(f"request {b}: {n_new} new tokens but only {n_kv} kv slots (new tokens are written first)")
+        slots = kv_indices[kv[b] : kv[b + 1]].long()
+        out[qo[b] : qo[b + 1]] = attend_packed(
+            q[qo[b] : qo[b + 1]],
+            k_pool[slots],
+            v_pool[slots],
+            k_quantizer,
+            v_quantizer,
+            sm_scale,
+            logit_cap,
+            causal_offset=n_kv - n_new,
+        ).to(q.dtype)
+    return out
