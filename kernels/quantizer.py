@@ -6,7 +6,7 @@ mse variant (TurboQuant_mse, Algorithm 1), for x in R^d:
 prod variant (TurboQuant_prod, Algorithm 2): (b-1)-bit mse codes, then 1-bit QJL of the residual r = y - c[idx],
 done in the rotated domain (S R^T is again an i.i.d. Gaussian matrix, so this is QJL on the original residual):
     gamma = ||r||,  s = sign(S r),  store (idx, s, n, gamma)
-    x~ = n R^T (c[idx] + sqrt(pi/2) / d * gamma * S^T s)            (unbiased: E<q, x~> = <q, x>)
+    x~ = n R^T (c[idx] + c_d * gamma * S^T s)      (unbiased: E<q, x~> = <q, x>; c_d ~ sqrt(pi/2)/d, qjl_scale)
 Norm correction (optional, mse only): store n / ||c[idx]|| instead of n, so that ||x~|| = ||x||.
 
 Ties: a coordinate exactly on a boundary takes the lower code (torch.bucketize, right=False); the Triton write
@@ -15,7 +15,6 @@ kernel counts boundaries strictly below the value, which is the same rule.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import cache
 
@@ -23,7 +22,7 @@ import torch
 
 from .codebook import boundaries, centroids
 from .layout import Plane, VectorLayout
-from .rotation import qjl_matrix, rotation_matrix
+from .rotation import qjl_matrix, qjl_scale, rotation_matrix
 
 _TINY = 1e-30
 
@@ -102,7 +101,7 @@ class TurboQuantizer:
 
     @property
     def qjl_scale(self) -> float:
-        return math.sqrt(math.pi / 2) / self.layout.head_dim
+        return qjl_scale(self.layout.head_dim)
 
     def _check_vectors(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.layout.head_dim:
@@ -167,7 +166,7 @@ class TurboQuantizer:
     def rotated(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Packed records -> their rotated-domain reconstruction, never de-rotated:
 
-        values (..., d) = n * c[idx], and for prod qjl (..., d) = n * gamma * sqrt(pi/2)/d * s (else None), so that
+        values (..., d) = n * c[idx], and for prod qjl (..., d) = n * gamma * qjl_scale * s (else None), so that
         x~ = (values + qjl @ S) @ R  and  <q, x~> = (R q) . values + (S R q) . qjl.
         """
         self._check_packed(packed)

@@ -3,8 +3,8 @@
 These are the semantics every Triton kernel must match on the same packed data, and the CPU serving path itself.
 Only the slots a batch names are read, never the whole pool; nothing is de-rotated per token:
 
-    score_i = sm_scale * (n_i (R q) . c[idx_i]  [+ n_i gamma_i sqrt(pi/2)/d (S R q) . s_i])
-    out     = R^T (sum_i p_i n_i c[idx_i]  [+ sqrt(pi/2)/d S^T sum_i p_i n_i gamma_i s_i])
+    score_i = sm_scale * (n_i (R q) . c[idx_i]  [+ n_i gamma_i c_d (S R q) . s_i])
+    out     = R^T (sum_i p_i n_i c[idx_i]  [+ c_d S^T sum_i p_i n_i gamma_i s_i])     (c_d = qjl_scale(d))
 
 Pool tensors, one per layer and per K/V: uint8 (num_slots, num_kv_heads, bytes_per_vector) of that layer's
 VectorLayout. GQA: query head h reads KV head h // (num_q_heads // num_kv_heads).

@@ -8,12 +8,13 @@
   follow the sphere law the codebooks assume); those head_dims therefore use the "qr" rotation, with one log line.
 
 Kernels never see the kind: they take R as a dense matrix, rotate the query once per step and the output back once.
-The QJL projection S of the prod variant is a seeded i.i.d. N(0, 1) matrix from its own stream.
+The QJL projection S of the prod variant is seeded from its own stream (see qjl_matrix).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from functools import cache
 
 import torch
@@ -23,9 +24,14 @@ logger = logging.getLogger(__name__)
 ROTATIONS = ("qr", "hadamard")
 
 
+_STREAM_BASE = 0x7A5E_1D00  # keeps R and S off the small seeds that data generators use (0, 1, ...)
+
+
 def _generator(seed: int, stream: int) -> torch.Generator:
-    # Distinct streams keep R and S independent for the same user seed.
-    return torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + stream)
+    # Distinct streams keep R and S independent of each other and of any test data drawn with manual_seed(seed):
+    # data correlated with the Gaussian matrix behind R is not uniformly rotated.
+    # torch's CPU generator keeps only the low 32 bits of a seed, so the stream seed is reduced explicitly.
+    return torch.Generator(device="cpu").manual_seed((_STREAM_BASE + seed * 1_000_003 + stream) % 2**32)
 
 
 def _haar(d: int, gen: torch.Generator) -> torch.Tensor:
@@ -61,5 +67,21 @@ def rotation_matrix(head_dim: int, seed: int = 0, kind: str = "qr") -> torch.Ten
 
 @cache
 def qjl_matrix(head_dim: int, seed: int = 0) -> torch.Tensor:
-    """The QJL projection S (head_dim, head_dim), i.i.d. N(0, 1), float32 on CPU."""
-    return torch.randn(head_dim, head_dim, generator=_generator(seed, 1), dtype=torch.float64).to(torch.float32)
+    """The QJL projection S (head_dim, head_dim), float32 on CPU: i.i.d. Gaussian rows scaled to norm sqrt(d).
+
+    Row directions stay uniform and independent, so E[sign(s.r) s] = sqrt(d) E|u_1| r/|r| still holds (see
+    `qjl_scale`), but the chi-square spread of Gaussian row norms no longer adds variance: at d=128 this lowers
+    d_prod by 1-3% against plain N(0, 1) rows for every seed tried.
+    """
+    s = torch.randn(head_dim, head_dim, generator=_generator(seed, 1), dtype=torch.float64)
+    return (s * (head_dim**0.5 / s.norm(dim=1, keepdim=True))).to(torch.float32)
+
+
+def qjl_scale(head_dim: int) -> float:
+    """c in r~ = c * gamma * S^T sign(S r), making E[r~] = r for rows of norm sqrt(d) with uniform directions.
+
+    E|u_1| for u uniform on S^{d-1} is Gamma(d/2) / (sqrt(pi) Gamma((d+1)/2)), so c = 1 / (d sqrt(d) E|u_1|);
+    it tends to sqrt(pi/2) / d, the constant of Gaussian QJL (TurboQuant Definition 1).
+    """
+    mean_abs = math.exp(math.lgamma(head_dim / 2) - math.lgamma((head_dim + 1) / 2)) / math.sqrt(math.pi)
+    return 1.0 / (head_dim * math.sqrt(head_dim) * mean_abs)
