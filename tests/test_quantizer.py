@@ -46,7 +46,7 @@ def test_codes_round_trip_through_the_packed_record(head_dim, bits):
     y = x / x.norm(dim=-1, keepdim=True) @ rotation_matrix(head_dim).T
     expected = torch.cat(
         [
-            torch.bucketize(y[:, s.start : s.start + s.channels], boundaries(head_dim, s.bits))
+            torch.bucketize(y[:, s.start : s.start + s.channels].contiguous(), boundaries(head_dim, s.bits))
             for s in qz.layout.segments
         ],
         dim=-1,
