@@ -1,0 +1,115 @@
+"""Model registry: an alias from configs/models.yaml -> a local model directory and the shape facts tq_serve checks
+bit settings against. Nothing is downloaded: a `hf_id` is found in --model-path or in the Hugging Face cache."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODELS_YAML = REPO_ROOT / "configs" / "models.yaml"
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+
+
+class ModelNotFoundError(ValueError):
+    """An unknown alias, or a known one whose weights are not on this machine."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelEntry:
+    """One alias of configs/models.yaml: a repo-relative `path` or a Hugging Face `hf_id`."""
+
+    alias: str
+    description: str = ""
+    path: Path | None = None
+    hf_id: str | None = None
+    obtain: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelShape:
+    """What the KV cache of a model looks like: the facts a bit setting must fit."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, config: dict) -> ModelShape:
+        """From a Hugging Face config.json (head_dim defaults to hidden_size / num_attention_heads, as in Llama)."""
+        heads = config["num_attention_heads"]
+        return cls(
+            num_layers=config["num_hidden_layers"],
+            num_kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResolvedModel:
+    """A model found on this machine."""
+
+    name: str
+    path: Path
+    shape: ModelShape
+
+
+class ModelRegistry:
+    def __init__(self, entries: dict[str, ModelEntry], default: str):
+        self.entries = entries
+        self.default = default
+
+    @classmethod
+    def load(cls, path: Path = MODELS_YAML, root: Path = REPO_ROOT) -> ModelRegistry:
+        data = yaml.safe_load(path.read_text())
+        entries = {}
+        for alias, fields in data["models"].items():
+            local = fields.get("path")
+            entries[alias] = ModelEntry(
+                alias=alias,
+                description=fields.get("description", ""),
+                path=root / local if local else None,
+                hf_id=fields.get("hf_id"),
+                obtain=fields.get("obtain", ""),
+            )
+        return cls(entries, default=data.get("default", next(iter(entries))))
+
+    def known(self) -> str:
+        return ", ".join(self.entries)
+
+    def resolve(self, name: str, model_path: Path | None = None) -> ResolvedModel:
+        """`name` is an alias or a model directory; `model_path` overrides where an alias's weights are."""
+        entry = self.entries.get(name)
+        if entry is None and model_path is None and Path(name).is_dir():
+            entry, model_path = ModelEntry(alias=name, obtain="give a Hugging Face model directory"), Path(name)
+        if entry is None:
+            raise ModelNotFoundError(
+                f"unknown model {name!r}: known models are {self.known()} (or give a model directory); "
+                f"aliases are defined in {MODELS_YAML.relative_to(REPO_ROOT)}"
+            )
+        where = model_path or entry.path or _hf_cache_dir(entry.hf_id)
+        if where is None or not _has_weights(where):
+            source = f"in {where}" if where else f"in the Hugging Face cache for {entry.hf_id}"
+            raise ModelNotFoundError(
+                f"model {name!r}: no config.json and weights found {source}; to obtain them, "
+                f"{entry.obtain or 'pass --model-path DIR'}"
+            )
+        shape = ModelShape.from_config(json.loads((where / "config.json").read_text()))
+        return ResolvedModel(name=name, path=where.resolve(), shape=shape)
+
+
+def _hf_cache_dir(hf_id: str | None) -> Path | None:
+    """The snapshot directory of `hf_id` in the Hugging Face cache (offline lookup), or None."""
+    if hf_id is None:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(hf_id, "config.json")
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def _has_weights(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(next(path.glob(p), None) for p in WEIGHT_PATTERNS)
