@@ -1,0 +1,94 @@
+"""Tuned-config files: naming by key, lookup fallback order, and corrupt or mismatched files."""
+
+import json
+import logging
+import re
+from dataclasses import replace
+
+import pytest
+from tq_serve.autotune import spaces, store
+from tq_serve.autotune.store import TuningKey
+
+KEY = TuningKey(kernel="decode", gpu="NVIDIA H200", triton="3.6.0", head_dim=128, k_bits=4, v_bits=4, group=4)
+STAMP = {"gpu": "NVIDIA H200", "triton": "3.6.0", "torch": "2.11", "date": "2026-11-22"}
+
+
+def write(config_dir, key, **config):
+    config = {**spaces.default_config(key.kernel, key.head_dim), **config}
+    return store.save(key, config, timings={"best": 1.0, "default": 2.0}, stamp=STAMP, config_dir=config_dir)
+
+
+def lookup(config_dir, key):
+    store.load_entries.cache_clear()
+    store.lookup.cache_clear()
+    return store.lookup(key, config_dir)
+
+
+def test_file_is_named_by_its_key_and_holds_it(tmp_path):
+    path = write(tmp_path, KEY, block_n=128)
+    assert path == tmp_path / "decode" / "NVIDIA_H200__triton-3.6.0__d128_k4_v4_g4_mse.json"
+    record = json.loads(path.read_text())
+    assert record["key"]["head_dim"] == 128 and record["config"]["block_n"] == 128 and record["stamp"] == STAMP
+    assert replace(KEY, k_bits=2.5).filename.endswith("d128_k2.5_v4_g4_mse.json")
+
+
+def test_lookup_order_exact_then_other_triton_then_nearest_then_rule(tmp_path, caplog):
+    write(tmp_path, replace(KEY, head_dim=64), block_n=16)  # nearest candidate
+    write(tmp_path, replace(KEY, triton="3.5.0"), block_n=32)  # same key, older Triton
+    write(tmp_path, replace(KEY, gpu="NVIDIA A100"), block_n=64)  # another GPU: never used
+    caplog.set_level(logging.INFO, logger=store.__name__)
+    assert lookup(tmp_path, KEY) == ({**spaces.default_config("decode", 128), "block_n": 32}, "other-triton")
+    assert "python -m tq_serve.autotune" in caplog.text
+    write(tmp_path, KEY, block_n=128)
+    assert lookup(tmp_path, KEY)[0]["block_n"] == 128 and lookup(tmp_path, KEY)[1] == "exact"
+    assert lookup(tmp_path, replace(KEY, head_dim=80, k_bits=3)) == (
+        {**spaces.default_config("decode", 128), "block_n": 16},
+        "nearest",
+    )
+    assert lookup(tmp_path, replace(KEY, gpu="NVIDIA L4")) == (spaces.default_config("decode", 128), "rule")
+    assert lookup(tmp_path / "missing", KEY)[1] == "rule"
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        ("{not json", "Expecting property name"),
+        (json.dumps({"config": {}}), "'key'"),
+        (json.dumps({"key": {"kernel": "decode"}, "config": {}}), "key fields"),
+        ("MISMATCH", "its content is the key"),
+        ("UNKNOWN_PARAM", "unknown launch parameters \\['block_q'\\]"),
+    ],
+)
+def test_corrupt_or_mismatched_file_is_a_warning_and_a_fallback(tmp_path, caplog, content, reason):
+    path = write(tmp_path, KEY, block_n=128)
+    if content == "MISMATCH":
+        other = write(tmp_path, replace(KEY, head_dim=64))
+        path.write_text(other.read_text())
+        other.unlink()
+    elif content == "UNKNOWN_PARAM":
+        record = json.loads(path.read_text())
+        record["config"]["block_q"] = 8
+        path.write_text(json.dumps(record))
+    else:
+        path.write_text(content)
+    with caplog.at_level(logging.WARNING, logger=store.__name__):
+        assert lookup(tmp_path, KEY) == (spaces.default_config("decode", 128), "rule")
+    assert f"ignoring tuned config {path}" in caplog.text
+    assert any(re.search(reason, r.getMessage()) for r in caplog.records)
+
+
+@pytest.mark.parametrize("kernel", list(spaces.KERNEL_PARAMS))
+@pytest.mark.parametrize("head_dim", [64, 80, 128, 256])
+def test_search_spaces_hold_only_launcher_params_and_defaults_are_valid(kernel, head_dim):
+    configs = spaces.candidates(kernel, head_dim)
+    assert configs and all(set(c) == set(spaces.KERNEL_PARAMS[kernel]) for c in configs)
+    assert set(spaces.default_config(kernel, head_dim)) == set(spaces.KERNEL_PARAMS[kernel])
+
+
+def test_keep_prunes_what_cannot_fit():
+    assert not spaces.keep("write", {"block_m": 16, "block_k": 128, "num_warps": 4, "num_stages": 1}, 64)
+    big_tile = {"block_n": 128, "num_warps": 2, "num_stages": 1, "num_kv_splits": 8}
+    assert not spaces.keep("decode", big_tile, 256) and spaces.keep("decode", {**big_tile, "num_warps": 8}, 128)
+    assert len(spaces.candidates("decode", 256)) < len(spaces.candidates("decode", 64))
+    with pytest.raises(ValueError, match="unknown kernel 'prefill'"):
+        spaces.default_config("prefill", 128)
