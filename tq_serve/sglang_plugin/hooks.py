@@ -1,0 +1,77 @@
+"""The two SGLang functions the plug-in wraps (AROUND hooks), and the one KVLayout both derive from the model.
+
+- capacity: DefaultPoolConfigurator._compute_cell_size(kvc, num_layers) returns the bytes one token slot costs;
+  SGLang divides its KV memory budget by it to get max_total_num_tokens. With turboquant it returns
+  KVLayout.bytes_per_token, so the same memory holds bf16_bytes / packed_bytes times the tokens
+  (3.9x at 4 bits, 5.1x at 3, 7.5x at 2 for head_dim 128).
+- pool: KVCacheConfigurator._resolve_kv_pool_class(kind="mha") picks the KV pool class; with turboquant it returns
+  TurboQuantKVPool bound to the same layout, so the pool allocates exactly what the capacity computation charged.
+
+Both pass every call through untouched unless turboquant is the attention backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sglang.srt.arg_groups.model_override_base import attention_backends_of
+from sglang.srt.runtime_context import get_parallel
+
+from tq_serve.kernels.layout import KVLayout
+
+from .config import BACKEND_NAME, TurboQuantConfig
+
+
+def turboquant_selected(server_args) -> bool:
+    """Whether turboquant serves this model. Both prefill and decode must use it: they share the packed pool."""
+    prefill, decode = attention_backends_of(server_args)
+    if (prefill == BACKEND_NAME) != (decode == BACKEND_NAME):
+        raise ValueError(
+            f"attention backend {BACKEND_NAME!r} must serve both prefill and decode (they read the same packed pool); "
+            f"got prefill={prefill!r}, decode={decode!r}"
+        )
+    return prefill == BACKEND_NAME
+
+
+def kv_layout_of(kvc, config: TurboQuantConfig) -> KVLayout:
+    """The packed layout of the layers this process holds, from SGLang's KVCacheConfigurator `kvc`.
+
+    Refuses the KV-cache families TurboQuant does not pack (MLA, hybrid SWA / linear attention, another KV dtype).
+    """
+    model_config = kvc.model_config
+    if kvc.use_mla_backend or kvc.is_hybrid_swa or kvc.mambaish_config is not None:
+        raise NotImplementedError(
+            f"attention backend {BACKEND_NAME!r} packs plain MHA/GQA KV caches; {model_config.hf_config.architectures} "
+            "uses MLA, sliding-window or linear-attention layers"
+        )
+    if kvc.kv_cache_dtype_str not in (None, "auto"):
+        raise ValueError(f"attention backend {BACKEND_NAME!r} sets the KV format itself: drop --kv-cache-dtype")
+    if model_config.head_dim != model_config.v_head_dim:
+        raise NotImplementedError(f"attention backend {BACKEND_NAME!r} needs head_dim == v_head_dim")
+    parallel = get_parallel()
+    return config.kv_layout(
+        num_layers=model_config.num_hidden_layers,
+        num_kv_heads=model_config.get_num_kv_heads(parallel.attn_tp_size, parallel.attn_dcp_size),
+        head_dim=model_config.head_dim,
+        start_layer=kvc.layer_info.start_layer,
+        end_layer=kvc.layer_info.end_layer,
+    )
+
+
+def compute_cell_size(config: TurboQuantConfig, original: Callable, configurator, kvc, num_layers: int) -> int:
+    """AROUND hook of DefaultPoolConfigurator._compute_cell_size: bytes per token slot."""
+    if not turboquant_selected(kvc.server_args):
+        return original(configurator, kvc, num_layers)
+    layout = kv_layout_of(kvc, config)
+    if layout.num_layers != num_layers:
+        raise ValueError(f"SGLang sizes {num_layers} KV layers but the TurboQuant layout has {layout.num_layers}")
+    return layout.bytes_per_token
+
+
+def resolve_kv_pool_class(config: TurboQuantConfig, original: Callable, kvc, *, kind: str, default: type) -> type:
+    """AROUND hook of KVCacheConfigurator._resolve_kv_pool_class: the packed pool for the MHA kind."""
+    if kind != "mha" or not turboquant_selected(kvc.server_args):
+        return original(kvc, kind=kind, default=default)
+    from .pool import TurboQuantKVPool  # imports the memory pool module: only in processes that build a pool
+
+    return TurboQuantKVPool.bind(kv_layout_of(kvc, config), config)

@@ -1,0 +1,155 @@
+"""The packed KV pool: SGLang's token-slot pool with TurboQuant records instead of bf16 vectors.
+
+Per layer l, one K and one V tensor, uint8, indexed by token slot exactly like MHATokenToKVPool's buffers:
+
+    k_buffer[l]  (size + page_size, num_kv_heads, K(l).bytes_per_vector)
+    v_buffer[l]  (size + page_size, num_kv_heads, V(l).bytes_per_vector)
+
+    one record (layer l, slot s, KV head h), e.g. d=128 at 4 bits mse, 66 bytes:
+        | 64 B nibble codes of the 128 rotated coordinates | 2 B fp16 norm |
+    (the full byte map of every bits/variant is in tq_serve.kernels.layout)
+
+K(l), V(l) are the VectorLayouts of the layer's (k_bits, v_bits), so layers of a bit schedule have their own record
+widths; a slot costs KVLayout.bytes_per_token bytes over all layers, which is exactly what the capacity hook charges.
+Slot 0 (the padded page) absorbs SGLang's dummy writes, as in the bf16 pool. The radix tree and the allocator hold
+slot indices only, so they work on this pool unchanged, and freeing a slot needs nothing from the pool.
+
+Writes quantize: set_kv_buffer(layer, loc, k, v) packs k, v (tokens, kv_heads, head_dim) into slots loc. Reads are
+the attention backend's, on the packed records (get_key_buffer returns the uint8 tensor, never a bf16 view).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
+from sglang.srt.mem_cache.memory_pool import KvBufferDesc, MHATokenToKVPool, unwrap_write_loc
+
+from tq_serve.kernels.layout import KVLayout
+from tq_serve.kernels.quantizer import TurboQuantizer, get_quantizer
+
+from .config import TurboQuantConfig
+from .ops import KVOps, select_ops
+
+
+class TurboQuantKVPool(MHATokenToKVPool):
+    """MHATokenToKVPool over packed records. Build it through `bind(layout, config)`, which fixes both."""
+
+    kv_layout: ClassVar[KVLayout]
+    tq_config: ClassVar[TurboQuantConfig]
+
+    @classmethod
+    def bind(cls, kv_layout: KVLayout, config: TurboQuantConfig) -> type[TurboQuantKVPool]:
+        """A subclass with the layout and config fixed: SGLang constructs the pool from a class and its own
+        arguments only (kv_cache_configurator._build_mha_kv_pool)."""
+        return type(cls.__name__, (cls,), {"kv_layout": kv_layout, "tq_config": config, "__module__": cls.__module__})
+
+    def __init__(
+        self,
+        size: int,
+        page_size: int,
+        dtype: torch.dtype,
+        head_num: int,
+        head_dim: int,
+        layer_num: int,
+        device: str,
+        enable_memory_saver: bool,
+        *,
+        enable_kv_cache_copy: bool = False,
+        post_capture_active: bool = False,
+        quant_method=None,
+        **kwargs,
+    ):
+        layout = self.kv_layout
+        if (head_num, head_dim, layer_num) != (layout.num_kv_heads, layout.head_dim, layout.num_layers):
+            raise ValueError(
+                f"TurboQuant pool built for (kv_heads, head_dim, layers) = ({head_num}, {head_dim}, {layer_num}) but "
+                f"its layout has ({layout.num_kv_heads}, {layout.head_dim}, {layout.num_layers})"
+            )
+        v_head_dim = kwargs.get("v_head_dim")
+        if v_head_dim not in (None, head_dim):
+            raise NotImplementedError(f"TurboQuant needs v_head_dim == head_dim, got {v_head_dim} != {head_dim}")
+        if quant_method is not None or post_capture_active or enable_kv_cache_copy:
+            raise NotImplementedError(
+                "the TurboQuant pool does not combine with another KV-cache quantization, post-capture KV backing or "
+                "speculative decoding (KV-cache copy)"
+            )
+        cfg = self.tq_config
+        self.k_quantizers: tuple[TurboQuantizer, ...] = tuple(
+            get_quantizer(layout.k(i), cfg.seed, cfg.rotation, cfg.norm_correction) for i in range(layer_num)
+        )
+        self.v_quantizers: tuple[TurboQuantizer, ...] = tuple(
+            get_quantizer(layout.v(i), cfg.seed, cfg.rotation, cfg.norm_correction) for i in range(layer_num)
+        )
+        self.ops: KVOps = select_ops(torch.device(device).type, cfg.use_triton_interpreter)
+        super().__init__(size, page_size, dtype, head_num, head_dim, layer_num, device, enable_memory_saver, **kwargs)
+        if self.use_hnd:
+            raise NotImplementedError("TurboQuant needs the NHD slot-row layout: unset SGLANG_USE_HND_KVCACHE")
+
+    def _create_buffers(self) -> None:
+        rows = self.size + self.page_size
+        self.store_dtype = torch.uint8
+        with self.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE):
+            self.k_buffer = [
+                torch.zeros((rows, self.head_num, qz.layout.bytes_per_vector), dtype=torch.uint8, device=self.device)
+                for qz in self.k_quantizers
+            ]
+            self.v_buffer = [
+                torch.zeros((rows, self.head_num, qz.layout.bytes_per_vector), dtype=torch.uint8, device=self.device)
+                for qz in self.v_quantizers
+            ]
+        # Attributes MHATokenToKVPool's readers expect; TurboQuant has no scale or dequant buffers.
+        self.k_scale_buffer = self.v_scale_buffer = None
+        self.native_k_scale_buffer = self.native_v_scale_buffer = None
+        self.dq_k_buffer = self.dq_v_buffer = None
+        self._kv_buffer_descs = self._build_kv_buffer_descs()
+        self._init_data_ptrs_and_strides()
+
+    def _build_kv_buffer_descs(self) -> list[KvBufferDesc]:
+        # Per-layer record widths differ under a bit schedule: describe each buffer by its own shape.
+        return [
+            KvBufferDesc(f"{kind}{layer}", buf.shape, row_bytes=buf[0].numel(), tokens_per_row=1)
+            for kind, buffers in (("k", self.k_buffer), ("v", self.v_buffer))
+            for layer, buf in enumerate(buffers)
+        ]
+
+    def _get_key_buffer(self, layer_id: int) -> torch.Tensor:
+        return self.k_buffer[layer_id - self.start_layer]
+
+    def _get_value_buffer(self, layer_id: int) -> torch.Tensor:
+        return self.v_buffer[layer_id - self.start_layer]
+
+    def quantizers(self, layer_id: int) -> tuple[TurboQuantizer, TurboQuantizer]:
+        """(K, V) quantizers of model layer `layer_id`."""
+        local = layer_id - self.start_layer
+        return self.k_quantizers[local], self.v_quantizers[local]
+
+    def set_kv_buffer(
+        self,
+        layer,
+        loc_info,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        k_scale: float | None = None,
+        v_scale: float | None = None,
+        layer_id_override: int | None = None,
+        dcp_kv_mask: torch.Tensor | None = None,
+    ) -> None:
+        """Quantize cache_k, cache_v (tokens, kv_heads, head_dim) into slots loc. k_scale/v_scale (fp8 KV scales) do
+        not apply: TurboQuant stores a norm per vector instead."""
+        if dcp_kv_mask is not None:
+            raise NotImplementedError("TurboQuant does not support decode context parallelism (dcp_kv_mask)")
+        loc, _, _ = unwrap_write_loc(loc_info)
+        self._check_physical_write_loc(loc_info, "set_kv_buffer (TurboQuant)")
+        layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
+        local = layer_id - self.start_layer
+        self.ops.write_kv(
+            self.k_buffer[local],
+            self.v_buffer[local],
+            cache_k,
+            cache_v,
+            loc,
+            self.k_quantizers[local],
+            self.v_quantizers[local],
+        )
