@@ -1,0 +1,99 @@
+"""End to end: start `python -m tq_serve` as a user would and talk to it with the OpenAI client.
+
+One server for the module (SGLang takes 30 s to minutes to start on a shared CPU); a few short requests.
+The server's settings come from the command line below plus any TQ_* variables of the caller's environment
+(TQ_KV_BITS=16 runs the same test against plain SGLang)."""
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.sglang
+
+API_KEY = "e2e-secret"
+START_TIMEOUT_S = 900
+
+
+def _free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return s.getsockname()[1]
+
+
+def _wait_ready(proc: subprocess.Popen, url: str, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    pytest.fail(f"server not ready after {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tq_serve", "--port", str(port), "--api-key", API_KEY],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(proc, url, log)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, timeout=300)
+
+
+def test_binds_to_localhost_and_serves_the_bundled_model(client, base_url):
+    assert base_url.startswith("http://127.0.0.1:")
+    assert [m.id for m in client.models.list()] == ["tq-tiny"]
+
+
+def test_requests_without_the_api_key_are_refused(base_url):
+    assert httpx.get(f"{base_url}/v1/models", timeout=30).status_code == 401
+
+
+def test_chat_completion(client):
+    reply = client.chat.completions.create(
+        model="tq-tiny", messages=[{"role": "user", "content": "def add(a, b):"}], max_tokens=8, temperature=0
+    )
+    assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
+
+
+def test_chat_completion_streaming(client):
+    stream = client.chat.completions.create(
+        model="tq-tiny", messages=[{"role": "user", "content": "def add(a, b):"}], max_tokens=8, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+
+def test_completion(client):
+    reply = client.completions.create(model="tq-tiny", prompt="def fib(n):", max_tokens=8, temperature=0)
+    assert reply.choices[0].text and reply.choices[0].finish_reason in ("length", "stop")
+
+
+def test_completion_streaming(client):
+    stream = client.completions.create(model="tq-tiny", prompt="def fib(n):", max_tokens=8, stream=True)
+    assert "".join(c.choices[0].text for c in stream)
