@@ -1,0 +1,116 @@
+"""Triton write kernel vs reference.write_kv on the same inputs: the packed bytes themselves are compared.
+
+Exact except where a rotated coordinate lies within rounding of a codebook boundary (the kernel's tl.dot and torch's
+matmul sum in different orders): such a code may move by one level, on at most MAX_CODE_FLIPS of the coordinates,
+and a prod record then gets a different residual, so its QJL signs may differ on at most MAX_SIGN_FLIPS.
+Under the interpreter (no GPU) the kernel runs on CPU at these small sizes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tq_serve.kernels.layout import VectorLayout
+from tq_serve.kernels.quantizer import TurboQuantizer, get_quantizer, read_scalar, unpack_plane
+from tq_serve.kernels.reference import write_kv
+from tq_serve.kernels.triton_write import write_kv_triton
+
+MAX_CODE_FLIPS = 1e-3
+MAX_SIGN_FLIPS = 2e-2
+NORM_RTOL = {"float16": 2**-10, "float32": 1e-6}  # one float16 ulp; float32 sums differ in the last bits
+
+# (head_dim, k_bits, v_bits, variant, k_norm_correction, norm_dtype, dtype)
+CASES = [
+    (64, 4, 4, "mse", False, "float16", torch.bfloat16),
+    (64, 2, 3, "mse", False, "float32", torch.float32),
+    (80, 3, 4, "mse", False, "float16", torch.float16),
+    (96, 2, 2, "mse", True, "float16", torch.bfloat16),
+    (128, 4, 3, "mse", False, "float16", torch.bfloat16),
+    (128, 2, 1, "mse", True, "float16", torch.float32),
+    (128, 2.5, 3.5, "mse", False, "float16", torch.bfloat16),
+    (80, 3.5, 16, "mse", False, "float16", torch.bfloat16),
+    (256, 4, 2, "mse", False, "float16", torch.bfloat16),
+    (64, 2, 4, "prod", False, "float16", torch.bfloat16),
+    (128, 3, 16, "prod", False, "float16", torch.float16),
+    (96, 4, 3, "prod", False, "float32", torch.bfloat16),
+]
+
+
+def _case_id(case) -> str:
+    d, kb, vb, variant, nc, norm, dtype = case
+    return f"d{d}-k{kb}-v{vb}-{variant}{'-nc' if nc else ''}-{norm}-{str(dtype).split('.')[-1]}"
+
+
+def _compare_records(got: torch.Tensor, want: torch.Tensor, qz: TurboQuantizer) -> None:
+    lay = qz.layout
+    if lay.is_raw:
+        assert torch.equal(got, want)
+        return
+    codes_got, codes_want = qz.codes(got), qz.codes(want)
+    diff = (codes_got - codes_want).abs()
+    assert int(diff.max()) <= 1, "a code moved by more than one level"
+    assert diff.count_nonzero().item() <= MAX_CODE_FLIPS * diff.numel()
+    torch.testing.assert_close(qz.norms(got), qz.norms(want), rtol=NORM_RTOL[lay.norm_dtype], atol=0)
+    if lay.variant == "prod":
+        plane = qz._qjl_plane
+        flips = (unpack_plane(got, plane) != unpack_plane(want, plane)).count_nonzero().item()
+        assert flips <= MAX_SIGN_FLIPS * got.shape[:-1].numel() * lay.head_dim
+        dtype = getattr(torch, lay.norm_dtype)
+        gamma_got, gamma_want = read_scalar(got, lay.rnorm_offset, dtype), read_scalar(want, lay.rnorm_offset, dtype)
+        torch.testing.assert_close(gamma_got, gamma_want, rtol=1e-2, atol=1e-3)
+
+
+def _pools(layout: VectorLayout, slots: int, heads: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    # Random bytes, not zeros: slots the kernel must not touch are then checked for stray writes.
+    pool = torch.randint(0, 256, (slots, heads, layout.bytes_per_vector), dtype=torch.uint8, generator=gen)
+    return pool, pool.clone()
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_write_matches_reference(case) -> None:
+    d, k_bits, v_bits, variant, k_nc, norm_dtype, dtype = case
+    gen = torch.Generator().manual_seed(d * 100 + int(k_bits * 10))
+    tokens, heads, slots = 11, 2, 24
+    k_lay = VectorLayout(head_dim=d, bits=k_bits, variant=variant, norm_dtype=norm_dtype)
+    v_lay = VectorLayout(head_dim=d, bits=v_bits, variant=variant, norm_dtype=norm_dtype)
+    k_qz, v_qz = get_quantizer(k_lay, norm_correction=k_nc), get_quantizer(v_lay)
+    # Non-contiguous token stride, as when k and v are slices of one fused qkv projection.
+    qkv = torch.randn(tokens, 3, heads, d, generator=gen).to(dtype)
+    k, v = qkv[:, 1] * 2.0, qkv[:, 2] + 0.5
+    loc = torch.randperm(slots, generator=gen)[:tokens]
+    (k_ref, k_out), (v_ref, v_out) = _pools(k_lay, slots, heads, gen), _pools(v_lay, slots, heads, gen)
+
+    write_kv(k_ref, v_ref, k, v, loc, k_qz, v_qz)
+    write_kv_triton(k_out, v_out, k, v, loc.to(torch.int32), k_qz, v_qz)
+
+    untouched = torch.ones(slots, dtype=torch.bool)
+    untouched[loc] = False
+    assert torch.equal(k_out[untouched], k_ref[untouched]) and torch.equal(v_out[untouched], v_ref[untouched])
+    _compare_records(k_out[loc], k_ref[loc], k_qz)
+    _compare_records(v_out[loc], v_ref[loc], v_qz)
+
+
+def test_write_codes_exact_at_scale() -> None:
+    """Many rows at once (several programs, the last one partial): the codes agree bit for bit on all but a
+    boundary-rounding fraction, and the norms exactly."""
+    gen = torch.Generator().manual_seed(7)
+    lay = VectorLayout(head_dim=128, bits=3)
+    qz = get_quantizer(lay)
+    tokens, heads = 37, 4
+    k = torch.randn(tokens, heads, 128, generator=gen)
+    pools = [torch.zeros(tokens, heads, lay.bytes_per_vector, dtype=torch.uint8) for _ in range(4)]
+    loc = torch.arange(tokens)
+    write_kv(pools[0], pools[1], k, k, loc, qz, qz)
+    write_kv_triton(pools[2], pools[3], k, k, loc, qz, qz, block_m=32)
+    _compare_records(pools[2], pools[0], qz)
+    assert torch.equal(qz.norms(pools[2]), qz.norms(pools[0]))
+    assert torch.equal(pools[2], pools[3])
+
+
+def test_write_empty_batch_is_a_no_op() -> None:
+    lay = VectorLayout(head_dim=64, bits=4)
+    qz = get_quantizer(lay)
+    pool = torch.zeros(4, 1, lay.bytes_per_vector, dtype=torch.uint8)
+    empty = torch.zeros(0, 1, 64)
+    write_kv_triton(pool, pool.clone(), empty, empty, torch.zeros(0, dtype=torch.int64), qz, qz)
+    assert not pool.any()
