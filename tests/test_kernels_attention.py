@@ -1,0 +1,75 @@
+"""Triton decode and extend attention vs reference.decode_attention / extend_attention on the same packed pool.
+
+Both sides compute the same rotated-domain math in float32; what differs is summation order (and, on a GPU, the
+tf32x3 tensor-core dots), so outputs agree to float32 accuracy before the final cast to q.dtype. Tolerances are
+relative to the largest output and per output dtype: 1e-3 for float32/float16 (a float16 ulp is 4.9e-4), 8e-3 for
+bfloat16, whose own ulp (2^-8) is what a last-bit rounding difference costs. Under the interpreter (no GPU) the
+kernels run on CPU, so contexts stay small; the one 1025-token context per kernel covers many tiles and splits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tq_serve.kernels.layout import VectorLayout
+from tq_serve.kernels.quantizer import get_quantizer
+from tq_serve.kernels.reference import decode_attention, write_kv
+from tq_serve.kernels.triton_decode import decode_attention_triton
+
+TOL = {torch.float32: 1e-3, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def _packed(d, k_bits, v_bits, variant, kv_heads, slots, gen, *, k_scale=1.0):
+    """A pool of `slots` random packed K/V records and its two quantizers."""
+    k_qz = get_quantizer(VectorLayout(head_dim=d, bits=k_bits, variant=variant))
+    v_qz = get_quantizer(VectorLayout(head_dim=d, bits=v_bits, variant=variant))
+    k_pool = torch.zeros(slots, kv_heads, k_qz.layout.bytes_per_vector, dtype=torch.uint8)
+    v_pool = torch.zeros(slots, kv_heads, v_qz.layout.bytes_per_vector, dtype=torch.uint8)
+    k = torch.randn(slots, kv_heads, d, generator=gen) * k_scale
+    v = torch.randn(slots, kv_heads, d, generator=gen)
+    write_kv(k_pool, v_pool, k, v, torch.arange(slots), k_qz, v_qz)
+    return k_pool, v_pool, k_qz, v_qz
+
+
+def _assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    tol = TOL[ref.dtype]
+    scale = ref.float().abs().max().item()
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol * scale)
+
+
+# (head_dim, k_bits, v_bits, variant, group, context lengths of the batch, num_kv_splits, block_n, logit_cap, dtype)
+DECODE_CASES = [
+    (128, 4, 4, "mse", 4, [1, 17, 5], 2, 16, 0.0, torch.float32),
+    (64, 2, 3, "mse", 1, [17, 1], 1, 16, 0.0, torch.float16),
+    (96, 3, 2, "mse", 8, [5, 0, 17], 3, 16, 0.0, torch.bfloat16),
+    (80, 2.5, 3.5, "mse", 4, [17, 2], 2, 16, 0.0, torch.float32),
+    (128, 4, 16, "mse", 4, [17, 1], 2, 16, 5.0, torch.float32),
+    (128, 3, 4, "prod", 4, [17, 3], 2, 16, 0.0, torch.float32),
+    (64, 2, 2, "prod", 8, [1, 17], 2, 32, 0.0, torch.bfloat16),
+    (256, 4, 2, "mse", 2, [9], 1, 16, 0.0, torch.float32),
+    (128, 4, 3, "mse", 4, [1025, 3], 4, 64, 0.0, torch.float32),
+]
+
+
+def _decode_id(case) -> str:
+    d, kb, vb, variant, group, lens, splits, block_n, cap, dtype = case
+    return f"d{d}-k{kb}-v{vb}-{variant}-g{group}-len{'_'.join(map(str, lens))}-s{splits}{'-cap' if cap else ''}-" + str(
+        dtype
+    ).removeprefix("torch.")
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=_decode_id)
+def test_decode_matches_reference(case) -> None:
+    d, k_bits, v_bits, variant, group, lens, splits, block_n, cap, dtype = case
+    gen = torch.Generator().manual_seed(sum(lens) + d)
+    kv_heads = 2
+    slots = sum(lens) + 3
+    k_pool, v_pool, k_qz, v_qz = _packed(d, k_bits, v_bits, variant, kv_heads, slots, gen, k_scale=2.0)
+    kv_indices = torch.randperm(slots, generator=gen)[: sum(lens)]
+    kv_indptr = torch.tensor([0, *lens]).cumsum(0).to(torch.int32)
+    q = torch.randn(len(lens), kv_heads * group, d, generator=gen).to(dtype)
+    args = (q, k_pool, v_pool, kv_indptr, kv_indices, k_qz, v_qz, d**-0.5, cap)
+
+    out = decode_attention_triton(*args, num_kv_splits=splits, block_n=block_n)
+    _assert_close(out, decode_attention(*args))
