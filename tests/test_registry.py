@@ -83,3 +83,11 @@ def test_config_without_weights_is_not_a_model(registry, tmp_path):
     (path / "config.json").write_text(json.dumps(LLAMA_8B))
     with pytest.raises(ModelNotFoundError, match="no config.json and weights"):
         registry.resolve("local")
+
+
+def test_shape_falls_back_to_the_yaml_without_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    registry = ModelRegistry.load()
+    assert registry.shape("llama-3.1-8b") == ModelShape(num_layers=32, num_kv_heads=8, head_dim=128)
+    with pytest.raises(ModelNotFoundError):
+        registry.shape("tq-tiny", model_path=tmp_path / "nothing")

@@ -4,61 +4,22 @@ One server for the module (SGLang takes 30 s to minutes to start on a shared CPU
 The server's settings come from the command line below plus any TQ_* variables of the caller's environment
 (TQ_KV_BITS=16 runs the same test against plain SGLang)."""
 
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import httpx
 import openai
 import pytest
 
+from tq_serve.bench.harness import running_server
+
 pytestmark = pytest.mark.sglang
 
 API_KEY = "e2e-secret"
-START_TIMEOUT_S = 900
-
-
-def _free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as s:
-        return s.getsockname()[1]
-
-
-def _wait_ready(proc: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    pytest.fail(f"server not ready after {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
 
 
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory):
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tq_serve", "--port", str(port), "--api-key", API_KEY],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(proc, url, log)
+    """`python -m tq_serve --api-key KEY --port P`, ready (/health answers), stopped after the module."""
+    with running_server(["--api-key", API_KEY], tmp_path_factory.mktemp("server") / "server.log") as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,8 @@ class ModelEntry:
     path: Path | None = None
     hf_id: str | None = None
     obtain: str = ""
+    shape: ModelShape | None = None
+    """The KV-cache shape as recorded in the YAML, for estimates on a machine without the weights."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,6 +76,7 @@ class ModelRegistry:
                 path=root / local if local else None,
                 hf_id=fields.get("hf_id"),
                 obtain=fields.get("obtain", ""),
+                shape=ModelShape(**fields["shape"]) if "shape" in fields else None,
             )
         return cls(entries, default=data.get("default", next(iter(entries))))
 
@@ -99,6 +102,16 @@ class ModelRegistry:
             )
         shape = ModelShape.from_config(json.loads((where / "config.json").read_text()))
         return ResolvedModel(name=name, path=where.resolve(), shape=shape)
+
+    def shape(self, name: str, model_path: Path | None = None) -> ModelShape:
+        """The KV-cache shape of a model: from its config.json when it is here, else as recorded in the YAML."""
+        entry = self.entries.get(name)
+        try:
+            return self.resolve(name, model_path).shape
+        except ModelNotFoundError:
+            if entry is None or entry.shape is None or model_path is not None:
+                raise
+            return entry.shape
 
 
 def _hf_cache_dir(hf_id: str | None) -> Path | None:

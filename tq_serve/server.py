@@ -12,9 +12,9 @@ import socket
 from importlib.metadata import PackageNotFoundError, version
 
 from tq_serve.settings import ServeConfig
+from tq_serve.sglang_plugin.config import BACKEND_NAME, TurboQuantConfig
 
 SUPPORTED_SGLANG = "0.5.23"
-TURBOQUANT_BACKEND = "turboquant"
 # SGLang's own bf16 attention per device: torch_native is its portable CPU path (intel_amx needs sgl_kernel's CPU
 # build); on CUDA, None lets SGLang pick its default (flashinfer / fa3 / triton by GPU).
 BF16_BACKENDS = {"cpu": "torch_native", "cuda": None}
@@ -57,9 +57,7 @@ def preflight(cfg: ServeConfig) -> None:
     check_port_free(cfg.host, cfg.port)
 
 
-def turboquant_config(cfg: ServeConfig):
-    from tq_serve.sglang_plugin.config import TurboQuantConfig
-
+def turboquant_config(cfg: ServeConfig) -> TurboQuantConfig:
     layout = cfg.kv_layout
     return TurboQuantConfig(
         kv_bits=None, layer_bits=layout.layer_bits, variant=layout.variant, norm_dtype=layout.norm_dtype, seed=cfg.seed
@@ -67,7 +65,7 @@ def turboquant_config(cfg: ServeConfig):
 
 
 def attention_backend(cfg: ServeConfig) -> str | None:
-    return TURBOQUANT_BACKEND if cfg.kv_layout is not None else BF16_BACKENDS[cfg.device]
+    return BACKEND_NAME if cfg.kv_layout is not None else BF16_BACKENDS[cfg.device]
 
 
 def server_args(cfg: ServeConfig):
@@ -108,9 +106,9 @@ def launch(cfg: ServeConfig) -> None:
     from sglang.srt.utils import kill_process_tree
 
     load_plugins()
-    if cfg.kv_layout is not None and TURBOQUANT_BACKEND not in ATTENTION_BACKEND_CHOICES:
+    if cfg.kv_layout is not None and BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
         raise PreflightError(
-            f"the TurboQuant plug-in did not register attention backend {TURBOQUANT_BACKEND!r} (see the log above)"
+            f"the TurboQuant plug-in did not register attention backend {BACKEND_NAME!r} (see the log above)"
         )
     try:
         run_server(server_args(cfg))
