@@ -1,0 +1,86 @@
+"""Prefix-affinity routing for Ray Serve: requests that share a prompt prefix go to the same engine replica, so
+SGLang's radix cache keeps hitting after scale-out.
+
+The routing key is the first `prefix_chars` characters of the prompt (for chat, of the JSON of the messages, whose
+prefix is the chat template's prefix). Each key has a home replica by rendezvous hashing (highest random weight over
+the replica ids): it is stateless, so every router in every ingress process agrees without talking, and when a
+replica leaves, only the keys it was home to move. Two requests that agree on the first `prefix_chars` characters
+share a home; prompts that differ earlier spread evenly.
+
+Load has the last word: when the home replica holds `max_imbalance` or more requests than the least loaded one (from
+Serve's queue-length cache), or rejects the request because it is full, the request goes to the less loaded of two
+random replicas, which is Serve's default power-of-two choice.
+
+    choose_replicas -> [[home], [two random others]]    balanced: home first, the others if home rejects
+                    -> [[two random]]                    imbalanced, no prompt, or affinity off
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Sequence
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+
+def prompt_prefix(args: Sequence[object], prefix_chars: int) -> str | None:
+    """The routing key of a forwarded request `(method, path, body)`: the start of its prompt, or None."""
+    body = args[2] if len(args) > 2 else None
+    if not isinstance(body, dict) or prefix_chars <= 0:
+        return None
+    if "messages" in body:
+        text = json.dumps(body["messages"], ensure_ascii=False, separators=(",", ":"))
+    else:
+        prompt = body.get("prompt")
+        # A batch of prompts routes as its first one; token-id prompts route by their ids.
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            prompt = prompt[0]
+        if prompt is None:
+            return None
+        text = prompt if isinstance(prompt, str) else json.dumps(prompt)
+    return text[:prefix_chars] or None
+
+
+def affinity_weight(key: str, replica: ReplicaID) -> int:
+    """Rendezvous hashing: the replica with the highest weight for a key is its home."""
+    digest = hashlib.blake2b(f"{replica.unique_id}\x00{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def power_of_two(replicas: Sequence[RunningReplica]) -> list[RunningReplica]:
+    return random.sample(list(replicas), min(2, len(replicas)))
+
+
+class PrefixAffinityRouter(RequestRouter):
+    """A Serve request router (`RequestRouterConfig.request_router_class`) for the engine deployment."""
+
+    def initialize_state(self, prefix_chars: int = 256, max_imbalance: float = 8) -> None:
+        """Called by Serve with `RequestRouterConfig.request_router_kwargs`."""
+        self._prefix_chars = prefix_chars
+        self._max_imbalance = max_imbalance
+
+    def _queue_len(self, replica: RunningReplica) -> int:
+        # Unknown (never probed, or stale) counts as idle: the probe that follows gives the real answer.
+        return self.replica_queue_len_cache.get(replica.replica_id) or 0
+
+    def home_replica(self, candidates: Sequence[RunningReplica], key: str) -> RunningReplica:
+        return max(candidates, key=lambda r: affinity_weight(key, r.replica_id))
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        if pending_request is None or not candidate_replicas:
+            return [candidate_replicas]
+        # Without this, a request every replica rejects would be retried in a tight loop instead of with backoff.
+        pending_request.routing_context.should_backoff = True
+        key = prompt_prefix(pending_request.args, self._prefix_chars)
+        if key is None or len(candidate_replicas) == 1:
+            return [power_of_two(candidate_replicas)]
+        home = self.home_replica(candidate_replicas, key)
+        least = min(self._queue_len(r) for r in candidate_replicas)
+        if self._queue_len(home) - least >= self._max_imbalance:
+            return [power_of_two(candidate_replicas)]
+        others = [r for r in candidate_replicas if r.replica_id != home.replica_id]
+        return [[home], power_of_two(others)]
