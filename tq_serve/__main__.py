@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     except server.PreflightError as err:
         print(f"tq_serve: error: {err}", file=sys.stderr)
         return EXIT_CANNOT_START
+    if settings.deploys_on_ray:
+        from tq_serve.deploy import serve_replicas
+
+        return serve_replicas(settings, cfg)
     print(f"tq_serve: starting {json.dumps(summary)}", file=sys.stderr, flush=True)
     server.launch(cfg)
     return 0

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tq_serve.kernels.layout import KVLayout, parse_bits
@@ -80,6 +80,40 @@ class ServeSettings(BaseSettings):
     """Log level of the server."""
     dry_run: bool = False
     """Resolve and check everything, print the configuration, and exit without starting the server."""
+
+    # Multi-replica deployment on Ray Serve (tq_serve.deploy): one endpoint, N engines with these same settings.
+    replicas: int = Field(1, ge=1)
+    """Engine replicas behind the one endpoint; more than 1 deploys on Ray Serve (one GPU each on CUDA)."""
+    min_replicas: int | None = Field(None, ge=1)
+    """Autoscaling lower bound; default --replicas."""
+    max_replicas: int | None = Field(None, ge=1)
+    """Autoscaling upper bound; default --replicas (a fixed count). Above 1, deploys on Ray Serve."""
+    target_ongoing_requests: float = Field(8, gt=0)
+    """In-flight requests per replica that autoscaling aims at; also how far a prompt prefix's home replica may run
+    ahead of the least loaded one before its requests are balanced instead."""
+    max_ongoing_requests: int = Field(32, ge=1)
+    """Requests one replica takes at once; more wait in Ray Serve's queue."""
+    affinity_prefix_chars: int = Field(256, ge=0)
+    """Prompts that agree on this many leading characters go to the same replica (radix-cache hits); 0: no affinity."""
+    ray_address: str | None = None
+    """Ray cluster to deploy on (`ray start --head` prints it; `auto` finds a local one), even with one replica;
+    default: a private local Ray started and stopped with the server."""
+
+    @field_validator("min_replicas", "max_replicas")
+    @classmethod
+    def _bounds_include_replicas(cls, value: int | None, info: ValidationInfo) -> int | None:
+        replicas = info.data.get("replicas")
+        if value is None or replicas is None:
+            return value
+        if info.field_name == "min_replicas" and value > replicas:
+            raise ValueError(f"must be at most --replicas ({replicas})")
+        if info.field_name == "max_replicas" and value < replicas:
+            raise ValueError(f"must be at least --replicas ({replicas})")
+        return value
+
+    @property
+    def deploys_on_ray(self) -> bool:
+        return self.ray_address is not None or max(self.replicas, self.max_replicas or 1) > 1
 
     @classmethod
     def settings_customise_sources(
