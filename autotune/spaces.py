@@ -1,8 +1,9 @@
 """Search spaces of the Triton kernels' launch parameters, pruned by what a GPU can hold.
 
-A config is a dict of the launcher's keyword arguments (kernels/triton_*.py). Spaces are generated as a product and
-filtered by `keep`, which drops configs that would exceed shared memory or registers, or whose blocks do not fit
-the head_dim; the tuner then skips whatever still fails to compile or run.
+A config is a dict of the launcher's keyword arguments (kernels/triton_*.py; blocks are powers of two >= 16, the
+smallest tl.dot tile). Spaces are generated as a product and filtered by `keep`, which drops configs that would
+exceed shared memory or registers, or whose blocks do not fit the head_dim; the tuner then skips whatever still fails
+to compile or run.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ KERNEL_PARAMS = {
 }
 
 SPACES = {
-    "write": {"block_m": [8, 16, 32, 64], "block_k": [32, 64, 128], "num_warps": [2, 4, 8], "num_stages": [1, 2]},
+    "write": {"block_m": [16, 32, 64], "block_k": [32, 64, 128], "num_warps": [2, 4, 8], "num_stages": [1, 2]},
     "decode": {
         "block_n": [16, 32, 64, 128],
         "num_warps": [2, 4, 8],
@@ -29,7 +30,7 @@ SPACES = {
 
 # For tests under the Triton interpreter: a handful of candidates, each cheap to run.
 TINY_SPACES = {
-    "write": {"block_m": [8, 16], "block_k": [32], "num_warps": [4], "num_stages": [1]},
+    "write": {"block_m": [16, 32], "block_k": [32], "num_warps": [4], "num_stages": [1]},
     "decode": {"block_n": [16, 32], "num_warps": [4], "num_stages": [1], "num_kv_splits": [2]},
     "extend": {"block_m": [16], "block_n": [16, 32], "num_warps": [4], "num_stages": [1]},
 }
