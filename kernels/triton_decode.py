@@ -258,7 +258,7 @@ def decode_attention_triton(
         raise ValueError(f"kv_indptr must have batch + 1 = {batch + 1} entries, got {kv_indptr.numel()}")
     check_launch(block_n=block_n)
     kv_heads = k_pool.shape[1]
-    splits = num_kv_splits or default_num_kv_splits(batch, kv_heads, launch.device)
+    splits = default_num_kv_splits(batch, kv_heads, launch.device) if num_kv_splits is None else num_kv_splits
     if splits < 1:
         raise ValueError(f"num_kv_splits must be >= 1, got {splits}")
     if batch == 0:
