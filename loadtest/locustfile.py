@@ -434,6 +434,10 @@ class OpenAIUser(User):
             # requests reports a read timeout in the middle of a stream as a ConnectionError.
             timed_out = "timed out" in str(err)
             error = StreamFailure("timed out: no data for --request-timeout" if timed_out else "connection failed")
+        except gevent.GreenletExit:
+            # Locust stops users still in a request after --stop-timeout: neither a success nor the server's fault.
+            RUN.record(entry | {"ok": False, "interrupted": True, "e2e_ms": (time.perf_counter() - start) * 1000})
+            raise
         else:
             error = None
         end = time.perf_counter()

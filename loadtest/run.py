@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop-timeout", default="30s", help="time in-flight requests get to finish at the end")
     parser.add_argument("--allow-remote", action="store_true", help="allow a host that is not a loopback address")
     args, extra = parser.parse_known_args(argv)
+    if "://" not in args.host:
+        args.host = f"http://{args.host}"
     if not (args.allow_remote or is_loopback(args.host)):
         parser.error(f"refusing host {args.host}: not a loopback address (pass --allow-remote to load it)")
     out = args.out or RESULTS / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.workload}"

@@ -7,6 +7,8 @@
 requests.jsonl: one line per finished request) and writes summary.json and summary.txt next to them. Percentiles are
 exact (linear interpolation between order statistics) over every request of the run. Rates divide by the test's
 wall time, spawn ramp included. ITL is each request's mean gap between tokens; its percentiles are over requests.
+Requests that locust cut off at the end of the test (after --stop-timeout) are counted as interrupted: neither
+completed nor failed.
 
 Standard library only, and no locust: tests import this module in-process.
 """
@@ -41,10 +43,16 @@ def distribution(values: list[float]) -> dict:
 
 def _totals(records: list[dict], duration_s: float) -> dict:
     ok = [r for r in records if r["ok"]]
+    interrupted = sum(1 for r in records if r.get("interrupted"))
     output_tokens = sum(r["output_tokens"] for r in ok)
     prompts = [r["prompt_tokens"] for r in ok if r.get("prompt_tokens") is not None]
     return {
-        "requests": {"completed": len(ok), "failed": len(records) - len(ok), "per_s": round(len(ok) / duration_s, 3)},
+        "requests": {
+            "completed": len(ok),
+            "failed": len(records) - len(ok) - interrupted,
+            "interrupted": interrupted,
+            "per_s": round(len(ok) / duration_s, 3),
+        },
         "output_tokens": {
             "total": output_tokens,
             "per_s": round(output_tokens / duration_s, 3),
@@ -64,7 +72,7 @@ def summarize(run: dict, records: list[dict], label: str = "") -> dict:
         "label": label,
         "run": settings | {"duration_s": round(duration_s, 3)},
         **_totals(records, duration_s),
-        "failures": dict(Counter(r["error"] for r in records if not r["ok"]).most_common()),
+        "failures": dict(Counter(r["error"] for r in records if not (r["ok"] or r.get("interrupted"))).most_common()),
         "by_workload": {w: _totals([r for r in records if r["workload"] == w], duration_s) for w in workloads},
     }
 
@@ -97,7 +105,8 @@ def format_summary(summary: dict) -> str:
     lines = [
         f"{summary['label']}: workload {run['workload']}, {run['users']} users, {run['duration_s']:.1f} s, "
         f"model {server.get('model', '?')} at {run['host']}",
-        f"requests  {requests['completed']} completed, {requests['failed']} failed, {requests['per_s']:.2f} req/s",
+        f"requests  {requests['completed']} completed, {requests['failed']} failed, {requests['per_s']:.2f} req/s"
+        + (f" ({requests['interrupted']} interrupted by the end of the test)" if requests["interrupted"] else ""),
         f"output    {tokens['total']} tokens, {tokens['per_s']:.1f} tok/s, {tokens['mean']:.1f} per request",
         f"{'':10}{'p50':>10}{'p90':>10}{'p99':>10}{'mean':>10}{'n':>7}",
     ]

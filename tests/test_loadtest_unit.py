@@ -67,16 +67,18 @@ def test_summary_counts_rates_and_failure_reasons():
     records = [_record("chat", ttft=t) | {"output_tokens": 8} for t in (10.0, 20.0, 30.0)]
     records += [_record("long-context", itl=None) | {"output_tokens": 1}]
     records += [_record("chat", ok=False, error="HTTP 500: boom")] * 2 + [_record("chat", ok=False, error="dropped")]
+    records += [{"workload": "chat", "api": "chat", "ok": False, "interrupted": True, "e2e_ms": 3.0}]
     summary = summarize.summarize(_run_info(), records, label="x")
-    assert summary["requests"] == {"completed": 4, "failed": 3, "per_s": 0.4}
+    assert summary["requests"] == {"completed": 4, "failed": 3, "interrupted": 1, "per_s": 0.4}
     assert summary["output_tokens"] == {"total": 25, "per_s": 2.5, "mean": 6.25}
     assert summary["failures"] == {"HTTP 500: boom": 2, "dropped": 1}
     assert summary["ttft_ms"]["n"] == 4 and summary["ttft_ms"]["p50"] == 15.0
     assert summary["itl_ms"]["n"] == 3, "a one-token answer has no inter-token latency"
-    assert summary["by_workload"]["chat"]["requests"] == {"completed": 3, "failed": 3, "per_s": 0.3}
+    assert summary["by_workload"]["chat"]["requests"] == {"completed": 3, "failed": 3, "interrupted": 1, "per_s": 0.3}
     assert summary["by_workload"]["long-context"]["itl_ms"] == {"n": 0}
     text = summarize.format_summary(summary)
-    assert "4 completed, 3 failed" in text and "HTTP 500: boom" in text and "long-context" in text
+    assert "4 completed, 3 failed" in text and "1 interrupted" in text
+    assert "HTTP 500: boom" in text and "long-context" in text
 
 
 def test_summarize_dir_and_compare_cli(tmp_path, capsys):
@@ -124,7 +126,8 @@ def test_loopback_rule(url, expected):
 
 class FakeOpenAI(ThreadingHTTPServer):
     """Streams OpenAI chunks on 127.0.0.1; each streamed request gets the next behaviour of `behaviours` in turn:
-    ok, http-500, drop (connection closed mid-stream), no-done (clean end without [DONE]), malformed (chunk not JSON).
+    ok, http-500, drop (connection closed mid-stream), no-done (clean end without [DONE]), malformed (chunk not JSON),
+    slow (one token a second).
     """
 
     daemon_threads = True
@@ -204,7 +207,7 @@ class FakeHandler(BaseHTTPRequestHandler):
                 self._chunk(b"data: {not json\n\n")
             choice = {"index": 0, "delta": {"content": f" t{i}"}} if chat else {"index": 0, "text": f" t{i}"}
             self._event({"choices": [choice]})
-            time.sleep(0.002)
+            time.sleep(1.0 if behaviour == "slow" else 0.002)
         self._event({"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": tokens}})
         if behaviour != "no-done":
             self._chunk(b"data: [DONE]\n\n")
@@ -272,6 +275,14 @@ def test_max_requests_bounds_the_count(fake_server, tmp_path):
     assert code == 0, output
     assert summary["requests"]["completed"] == 5
     assert summary["run"]["duration_s"] < 20
+
+
+@pytest.mark.parametrize("fake_server", [(["slow"], "")], indirect=True)
+def test_requests_cut_off_at_the_end_are_interrupted_not_failed(fake_server, tmp_path):
+    code, summary, output = run_loadtest(tmp_path / "run", fake_server.url, "--stop-timeout", "1s", duration="2s")
+    assert code == 0, output
+    assert summary["requests"]["interrupted"] == 2 and summary["requests"]["failed"] == 0
+    assert summary["run"]["duration_s"] < 10
 
 
 def test_run_refuses_a_remote_host(tmp_path):
