@@ -1,0 +1,299 @@
+"""Tune a per-layer bit schedule from calibration data (DESIGN.md section 5).
+
+    python -m tq_serve.tune_schedule --model tq-tiny --budget 3.0 --out configs/schedules/tq-tiny-3.0.yaml
+
+1. Run the model on calibration text (configs/calibration/python_code.txt unless --calib) in windows, through the
+   KV-transform attention of tq_serve.schedule_eval: each layer's query, K after RoPE and V, exactly as the cache
+   would store them.
+2. For every layer and every candidate (k_bits, v_bits), measure the relative squared error that quantizing K and V
+   causes in the layer's attention output after o_proj (what the layer adds to the residual stream):
+
+       err[l][k, v] = sum ||o_proj(A(q, K~k, V~v)) - o_proj(A(q, K, V))||^2 / sum ||o_proj(A(q, K, V))||^2
+
+   summed over all calibration tokens, where A is the layer's causal (GQA) softmax attention and K~k is K through
+   the k-bit quantizer. The quantized attention probabilities are computed once per k_bits and reused for every
+   v_bits, so a layer costs |k candidates| softmaxes and |k| x |v| value products per window.
+3. Choose per-layer bits minimising the summed error with average bits <= budget (exact knapsack,
+   tq_serve.schedule.solve_budget), then write the schedule YAML and a PNG of per-layer sensitivity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tq_serve.kernels.layout import RAW_BITS, VectorLayout
+from tq_serve.kernels.quantizer import get_quantizer
+from tq_serve.schedule import (
+    PROD_BITS,
+    REPO_ROOT,
+    SCHEDULE_BITS,
+    SCHEDULES_DIR,
+    BitSchedule,
+    ScheduleError,
+    solve_budget,
+)
+from tq_serve.schedule_eval import DEFAULT_WINDOW, kv_transform, load_model, roundtrip, token_windows
+
+DEFAULT_CALIBRATION = REPO_ROOT / "configs" / "calibration" / "python_code.txt"
+
+Pair = tuple[float, float]
+
+
+class AttentionErrorProbe:
+    """A KVTransform that leaves K/V untouched and accumulates, per layer, the squared attention-output error of
+    every candidate (k_bits, v_bits) and the squared norm of the exact output."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        head_dim: int,
+        bits: Sequence[float],
+        *,
+        variant: str = "mse",
+        seed: int = 0,
+        rotation: str = "qr",
+        norm_correction: bool = False,
+        progress: tqdm | None = None,
+    ):
+        def quantizer(b: float):
+            layout = VectorLayout(head_dim=head_dim, bits=b, variant="mse" if b == RAW_BITS else variant)
+            return get_quantizer(layout, seed, rotation, norm_correction and b != RAW_BITS)
+
+        self.quantizers = {b: quantizer(b) for b in bits}
+        self.squared_error = [dict.fromkeys(itertools.product(bits, bits), 0.0) for _ in range(num_layers)]
+        self.squared_norm = [0.0] * num_layers
+        self.progress = progress
+
+    @torch.no_grad()
+    def __call__(self, module, query, key, value):
+        batch, hkv, tokens, d = key.shape
+        group = query.shape[1] // hkv
+        # (B, Hkv, group, T, d): query heads sharing a KV head side by side, so K/V need no repeat.
+        q = query.reshape(batch, hkv, group, tokens, d).float()
+        causal = torch.ones(tokens, tokens, dtype=torch.bool, device=q.device).tril()
+
+        def probabilities(k: torch.Tensor) -> torch.Tensor:
+            scores = torch.einsum("bhgtd,bhsd->bhgts", q, k.float()) * module.scaling
+            return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+
+        def layer_output(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            heads = torch.einsum("bhgts,bhsd->bthgd", probs, v.float()).reshape(batch, tokens, hkv * group * d)
+            return heads @ module.o_proj.weight.float().T  # the bias would cancel in the difference
+
+        exact = layer_output(probabilities(key), value)
+        layer = module.layer_idx
+        self.squared_norm[layer] += exact.square().sum().item()
+        values = {b: roundtrip(qz, value) for b, qz in self.quantizers.items()}
+        for k_bits, k_quantizer in self.quantizers.items():
+            probs = probabilities(roundtrip(k_quantizer, key))
+            for v_bits, v in values.items():
+                self.squared_error[layer][k_bits, v_bits] += (layer_output(probs, v) - exact).square().sum().item()
+        if self.progress is not None:
+            self.progress.update()
+        return key, value
+
+    def relative_errors(self) -> list[dict[Pair, float]]:
+        """err[layer][(k_bits, v_bits)]: squared error over squared norm of the exact output, all tokens pooled."""
+        return [
+            {pair: error / max(norm, 1e-30) for pair, error in errors.items()}
+            for errors, norm in zip(self.squared_error, self.squared_norm, strict=True)
+        ]
+
+
+def measure_errors(
+    lm,
+    windows: Sequence[torch.Tensor],
+    bits: Sequence[float],
+    *,
+    variant: str = "mse",
+    seed: int = 0,
+    rotation: str = "qr",
+    norm_correction: bool = False,
+    show_progress: bool = True,
+) -> list[dict[Pair, float]]:
+    """Per-layer relative attention-output error of every (k_bits, v_bits) in bits x bits, on the windows."""
+    config = lm.config
+    with tqdm(total=len(windows) * config.num_hidden_layers, desc="layers x windows", disable=not show_progress) as bar:
+        probe = AttentionErrorProbe(
+            config.num_hidden_layers,
+            config.head_dim,
+            bits,
+            variant=variant,
+            seed=seed,
+            rotation=rotation,
+            norm_correction=norm_correction,
+            progress=bar,
+        )
+        with torch.no_grad(), kv_transform(probe):
+            for ids in windows:
+                lm(input_ids=ids[None], use_cache=False)
+    return probe.relative_errors()
+
+
+def plot_sensitivity(
+    errors: Sequence[dict[Pair, float]], schedule: BitSchedule, path: Path, uniform_bits: Sequence[float]
+) -> Path:
+    """Two panels: per-layer error at uniform bits with the chosen schedule's error marked; the chosen bits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(range(len(errors)))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 5.5), sharex=True, height_ratios=(3, 2))
+    for b in uniform_bits:
+        if (b, b) in errors[0]:
+            top.plot(layers, [e[b, b] for e in errors], marker=".", lw=1, label=f"K=V={b:g} bits")
+    chosen = [errors[i][pair] for i, pair in enumerate(schedule.layer_bits)]
+    top.plot(layers, chosen, "k*", ms=10, label="chosen")
+    top.set_yscale("log")
+    top.set_ylabel("relative error of attention output")
+    top.set_title(f"{schedule.name}: per-layer sensitivity ({schedule.model}, budget {schedule.budget:g} bits)")
+    top.legend(fontsize=7, ncol=3)
+    top.grid(alpha=0.3)
+    width = 0.38
+    shown = [[min(b, 6) for b in pair] for pair in schedule.layer_bits]  # raw layers drawn at 6, labelled 16
+    bottom.bar([i - width / 2 for i in layers], [k for k, _ in shown], width, label="k_bits")
+    bottom.bar([i + width / 2 for i in layers], [v for _, v in shown], width, label="v_bits")
+    for i, (k, v) in enumerate(schedule.layer_bits):
+        bottom.text(i, max(min(k, 6), min(v, 6)) + 0.1, f"{k:g}/{v:g}", ha="center", fontsize=7)
+    bottom.axhline(schedule.budget, color="grey", ls="--", lw=1, label=f"budget {schedule.budget:g}")
+    bottom.set_ylim(0, 7)
+    bottom.set_ylabel("bits")
+    bottom.set_xlabel("layer")
+    bottom.set_xticks(layers)
+    bottom.legend(fontsize=7, ncol=3, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def _display(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def tune(
+    model: str,
+    budget: float,
+    *,
+    calib: Path = DEFAULT_CALIBRATION,
+    out: Path | None = None,
+    name: str | None = None,
+    bits: Sequence[float] = SCHEDULE_BITS,
+    variant: str = "mse",
+    seed: int = 0,
+    rotation: str = "qr",
+    norm_correction: bool = False,
+    window: int = DEFAULT_WINDOW,
+    max_tokens: int | None = None,
+    plot: bool = True,
+    show_progress: bool = True,
+    command: str = "",
+) -> BitSchedule:
+    """Measure, solve, and write the schedule (and its plot next to it); returns the schedule."""
+    name = name or (out.stem if out else f"{Path(model).name}-{budget:g}")
+    out = out or SCHEDULES_DIR / f"{name}.yaml"
+    lm, tokenizer, _ = load_model(model)
+    windows = token_windows(tokenizer, calib.read_text(), window, max_tokens)
+    if not windows:
+        raise ScheduleError(f"calibration text {calib} has fewer than 2 tokens")
+    errors = measure_errors(
+        lm,
+        windows,
+        bits,
+        variant=variant,
+        seed=seed,
+        rotation=rotation,
+        norm_correction=norm_correction,
+        show_progress=show_progress,
+    )
+    layer_bits, total = solve_budget(errors, budget)
+    uniform = {f"{b:g}": round(sum(e[b, b] for e in errors), 6) for b in bits if b <= budget and b != RAW_BITS}
+    schedule = BitSchedule(
+        name=name,
+        model=model,
+        layer_bits=layer_bits,
+        variant=variant,
+        budget=budget,
+        method=(
+            "tune_schedule: exact knapsack over per-layer (k_bits, v_bits) minimising the summed relative "
+            "attention-output error (after o_proj) on calibration text, average bits <= budget"
+        ),
+        tuning={
+            "command": command,
+            "calibration": _display(calib),
+            "tokens": sum(len(w) for w in windows),
+            "window": window,
+            "candidates": list(bits),
+            "seed": seed,
+            "rotation": rotation,
+            "norm_correction": norm_correction,
+            "total_error": round(total, 6),
+            "uniform_total_error": uniform,
+            "layer_error": [round(errors[i][pair], 6) for i, pair in enumerate(layer_bits)],
+        },
+    )
+    schedule.save(out)
+    if plot:
+        plot_sensitivity(errors, schedule, out.with_suffix(".png"), [b for b in bits if b != RAW_BITS])
+    return schedule
+
+
+def main(argv: Sequence[str] | None = None) -> BitSchedule:
+    parser = argparse.ArgumentParser(prog="python -m tq_serve.tune_schedule", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="alias from configs/models.yaml or a model directory")
+    parser.add_argument("--budget", type=float, required=True, help="average bits per K/V coordinate, e.g. 3.0")
+    parser.add_argument("--calib", type=Path, default=DEFAULT_CALIBRATION, help="calibration text file")
+    parser.add_argument("--out", type=Path, help="schedule YAML (default configs/schedules/<name>.yaml)")
+    parser.add_argument("--name", help="schedule name (default: the --out file stem, else <model>-<budget>)")
+    parser.add_argument(
+        "--bits", type=float, nargs="+", default=list(SCHEDULE_BITS), help="candidate bits for K and for V"
+    )
+    parser.add_argument("--variant", choices=("mse", "prod"), default="mse")
+    parser.add_argument("--seed", type=int, default=0, help="rotation seed (use the server's --seed)")
+    parser.add_argument("--rotation", default="qr", help="rotation kind (qr or hadamard)")
+    parser.add_argument("--norm-correction", action="store_true")
+    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="tokens per calibration window")
+    parser.add_argument("--max-tokens", type=int, help="use at most this many calibration tokens")
+    parser.add_argument("--no-plot", action="store_true", help="do not write the PNG")
+    args = parser.parse_args(argv)
+    supported = PROD_BITS if args.variant == "prod" else SCHEDULE_BITS
+    bad = [b for b in args.bits if b not in supported]
+    if bad:
+        parser.error(f"unsupported --bits {bad} for variant {args.variant}: supported values are {supported}")
+    bits = sorted({int(b) if b == int(b) else b for b in args.bits})
+    if args.budget < min(bits):
+        parser.error(f"--budget {args.budget:g} is below the smallest candidate bits {min(bits):g}")
+    schedule = tune(
+        args.model,
+        args.budget,
+        calib=args.calib,
+        out=args.out,
+        name=args.name,
+        bits=bits,
+        variant=args.variant,
+        seed=args.seed,
+        rotation=args.rotation,
+        norm_correction=args.norm_correction,
+        window=args.window,
+        max_tokens=args.max_tokens,
+        plot=not args.no_plot,
+        command=shlex.join(["python", "-m", "tq_serve.tune_schedule", *(sys.argv[1:] if argv is None else argv)]),
+    )
+    print(schedule.to_yaml())
+    return schedule
+
+
+if __name__ == "__main__":
+    main()
