@@ -84,6 +84,8 @@ def server_args(cfg: ServeConfig):
         mem_fraction_static=cfg.mem_fraction_static,
         max_running_requests=cfg.max_running_requests,
         log_level=cfg.log_level,
+        # usage.prompt_tokens_details.cached_tokens: radix-cache hits, which clients and the load test can see.
+        enable_cache_report=True,
     )
 
 
