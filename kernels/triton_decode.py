@@ -51,6 +51,7 @@ def _decode_split_kernel(
     lse_ptr,
     sm_scale,
     logit_cap,
+    num_splits,
     stride_q_b,
     stride_q_h,
     stride_kp_s,
@@ -66,7 +67,6 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     HAS_CAP: tl.constexpr,
     PRECISION: tl.constexpr,
     K_RAW: tl.constexpr,
@@ -126,7 +126,7 @@ def _decode_split_kernel(
     split = tl.program_id(2)
     kv_start = tl.load(kv_indptr_ptr + b).to(tl.int64)
     kv_len = (tl.load(kv_indptr_ptr + b + 1) - kv_start).to(tl.int32)
-    per_split = tl.cdiv(kv_len, NUM_SPLITS)
+    per_split = tl.cdiv(kv_len, num_splits)
     lo = split * per_split
     hi = tl.minimum(lo + per_split, kv_len)
 
@@ -181,6 +181,7 @@ def _decode_reduce_kernel(
     part_ptr,
     lse_ptr,
     out_ptr,
+    num_splits,
     stride_part_b,
     stride_part_h,
     stride_part_s,
@@ -188,7 +189,6 @@ def _decode_reduce_kernel(
     stride_lse_h,
     stride_out_b,
     stride_out_h,
-    NUM_SPLITS: tl.constexpr,
     DV: tl.constexpr,
     DV_PAD: tl.constexpr,
 ):
@@ -200,7 +200,7 @@ def _decode_reduce_kernel(
     e_max = float("-inf")
     e_sum = 0.0
     acc = tl.zeros([DV_PAD], dtype=tl.float32)
-    for s in range(NUM_SPLITS):
+    for s in range(num_splits):
         lse = tl.load(lse_ptr + b * stride_lse_b + hq * stride_lse_h + s)
         if lse > float("-inf"):
             part = tl.load(part_ptr + b * stride_part_b + hq * stride_part_h + s * stride_part_s + offs, mask=mask)
@@ -269,7 +269,7 @@ def decode_attention_triton(
     _decode_split_kernel[(batch, kv_heads, splits)](
         launch.q_rot, launch.q_qjl, k_pool, v_pool, kv_indptr, kv_indices,
         launch.k_tensors.codebook, launch.v_tensors.codebook, part, lse,
-        float(sm_scale), float(logit_cap),
+        float(sm_scale), float(logit_cap), splits,
         launch.q_rot.stride(0), launch.q_rot.stride(1),
         k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
@@ -277,7 +277,6 @@ def decode_attention_triton(
         HEAD_DIM=head_dim,
         BLOCK_H=max(16, triton.next_power_of_2(launch.group)),
         BLOCK_N=block_n,
-        NUM_SPLITS=splits,
         HAS_CAP=logit_cap > 0,
         PRECISION=dot_precision,
         **launch.constexprs,
@@ -286,9 +285,8 @@ def decode_attention_triton(
     )  # fmt: skip
     out = torch.empty(batch, q_heads, width, dtype=torch.float32, device=launch.device)
     _decode_reduce_kernel[(batch, q_heads)](
-        part, lse, out,
+        part, lse, out, splits,
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-        NUM_SPLITS=splits,
         DV=width,
         DV_PAD=triton.next_power_of_2(width),
     )  # fmt: skip
