@@ -285,6 +285,12 @@ def test_requests_cut_off_at_the_end_are_interrupted_not_failed(fake_server, tmp
     assert summary["run"]["duration_s"] < 10
 
 
+def test_pytest_itself_never_imports_locust():
+    # Importing locust monkey-patches the standard library with gevent; the suite only runs it as a subprocess.
+    assert "locust" not in sys.modules and "gevent.monkey" not in sys.modules
+    assert socket.socket.__module__ == "socket"
+
+
 def test_run_refuses_a_remote_host(tmp_path):
     code, summary, output = run_loadtest(tmp_path / "run", "http://10.1.2.3:30000")
     assert code == 2 and summary is None
