@@ -470,5 +470,7 @@ class OpenAIUser(User):
                 "itl_ms": itl_ms,
                 "output_tokens": output_tokens,
                 "prompt_tokens": usage.get("prompt_tokens"),
+                # Radix-cache hits; servers report them in the usage only when asked (SGLang --enable-cache-report).
+                "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
             }
         )

@@ -46,6 +46,8 @@ def _totals(records: list[dict], duration_s: float) -> dict:
     interrupted = sum(1 for r in records if r.get("interrupted"))
     output_tokens = sum(r["output_tokens"] for r in ok)
     prompts = [r["prompt_tokens"] for r in ok if r.get("prompt_tokens") is not None]
+    reported = [r for r in ok if r.get("cached_tokens") is not None and r.get("prompt_tokens")]
+    cached = sum(r["cached_tokens"] for r in reported) / sum(r["prompt_tokens"] for r in reported) if reported else None
     return {
         "requests": {
             "completed": len(ok),
@@ -59,6 +61,7 @@ def _totals(records: list[dict], duration_s: float) -> dict:
             "mean": round(output_tokens / len(ok), 3) if ok else 0,
         },
         "prompt_tokens_mean": round(sum(prompts) / len(prompts), 1) if prompts else None,
+        "cached_prompt_fraction": None if cached is None else round(cached, 4),
         **{key: distribution([r[key] for r in ok if r.get(key) is not None]) for key in METRICS},
     }
 
@@ -108,8 +111,12 @@ def format_summary(summary: dict) -> str:
         f"requests  {requests['completed']} completed, {requests['failed']} failed, {requests['per_s']:.2f} req/s"
         + (f" ({requests['interrupted']} interrupted by the end of the test)" if requests["interrupted"] else ""),
         f"output    {tokens['total']} tokens, {tokens['per_s']:.1f} tok/s, {tokens['mean']:.1f} per request",
-        f"{'':10}{'p50':>10}{'p90':>10}{'p99':>10}{'mean':>10}{'n':>7}",
     ]
+    if summary["prompt_tokens_mean"] is not None:
+        cached = summary["cached_prompt_fraction"]
+        from_cache = "" if cached is None else f", {cached:.0%} of prompt tokens from the prefix cache"
+        lines.append(f"prompts   {summary['prompt_tokens_mean']:.0f} tokens on average{from_cache}")
+    lines.append(f"{'':10}{'p50':>10}{'p90':>10}{'p99':>10}{'mean':>10}{'n':>7}")
     for key, title in METRICS.items():
         dist = summary[key]
         cells = "".join(f"{_number(dist.get(stat)):>10}" for stat in ("p50", "p90", "p99", "mean"))
@@ -117,10 +124,11 @@ def format_summary(summary: dict) -> str:
     if len(summary["by_workload"]) > 1:
         lines.append("by workload (p50 ms)")
         for workload, part in summary["by_workload"].items():
+            cached = part["cached_prompt_fraction"]
             lines.append(
                 f"  {workload:14}{part['requests']['completed']:>5} ok{part['requests']['failed']:>4} failed"
                 f"  TTFT {_number(part['ttft_ms'].get('p50')):>8}  ITL {_number(part['itl_ms'].get('p50')):>7}"
-                f"  E2E {_number(part['e2e_ms'].get('p50')):>8}"
+                f"  E2E {_number(part['e2e_ms'].get('p50')):>8}" + ("" if cached is None else f"  cached {cached:.0%}")
             )
     if summary["failures"]:
         lines.append("failures")

@@ -64,7 +64,9 @@ def _run_info() -> dict:
 
 
 def test_summary_counts_rates_and_failure_reasons():
-    records = [_record("chat", ttft=t) | {"output_tokens": 8} for t in (10.0, 20.0, 30.0)]
+    records = [_record("chat", ttft=t) | {"output_tokens": 8, "prompt_tokens": 40} for t in (10.0, 20.0, 30.0)]
+    records[0] |= {"cached_tokens": 30}
+    records[1] |= {"cached_tokens": 0}
     records += [_record("long-context", itl=None) | {"output_tokens": 1}]
     records += [_record("chat", ok=False, error="HTTP 500: boom")] * 2 + [_record("chat", ok=False, error="dropped")]
     records += [{"workload": "chat", "api": "chat", "ok": False, "interrupted": True, "e2e_ms": 3.0}]
@@ -74,10 +76,12 @@ def test_summary_counts_rates_and_failure_reasons():
     assert summary["failures"] == {"HTTP 500: boom": 2, "dropped": 1}
     assert summary["ttft_ms"]["n"] == 4 and summary["ttft_ms"]["p50"] == 15.0
     assert summary["itl_ms"]["n"] == 3, "a one-token answer has no inter-token latency"
+    assert summary["prompt_tokens_mean"] == 40.0
+    assert summary["cached_prompt_fraction"] == 0.375, "over the requests whose usage reports cached tokens"
     assert summary["by_workload"]["chat"]["requests"] == {"completed": 3, "failed": 3, "interrupted": 1, "per_s": 0.3}
     assert summary["by_workload"]["long-context"]["itl_ms"] == {"n": 0}
     text = summarize.format_summary(summary)
-    assert "4 completed, 3 failed" in text and "1 interrupted" in text
+    assert "4 completed, 3 failed" in text and "1 interrupted" in text and "38% of prompt tokens" in text
     assert "HTTP 500: boom" in text and "long-context" in text
 
 
@@ -208,7 +212,8 @@ class FakeHandler(BaseHTTPRequestHandler):
             choice = {"index": 0, "delta": {"content": f" t{i}"}} if chat else {"index": 0, "text": f" t{i}"}
             self._event({"choices": [choice]})
             time.sleep(1.0 if behaviour == "slow" else 0.002)
-        self._event({"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": tokens}})
+        usage = {"prompt_tokens": 10, "completion_tokens": tokens, "prompt_tokens_details": {"cached_tokens": 4}}
+        self._event({"choices": [], "usage": usage})
         if behaviour != "no-done":
             self._chunk(b"data: [DONE]\n\n")
         self._chunk(b"")
@@ -241,6 +246,7 @@ def test_streams_are_measured_and_the_key_is_sent(fake_server, tmp_path):
     assert summary["requests"]["failed"] == 0 and summary["failures"] == {}
     assert summary["requests"]["completed"] > 0
     assert summary["output_tokens"]["mean"] == 8
+    assert summary["prompt_tokens_mean"] == 10 and summary["cached_prompt_fraction"] == 0.4
     assert summary["ttft_ms"]["n"] == summary["itl_ms"]["n"] == summary["requests"]["completed"]
     assert 0 < summary["itl_ms"]["p50"] < 1000
     assert {r["api"] for r in map(json.loads, (tmp_path / "run" / "requests.jsonl").read_text().splitlines())} == {
