@@ -234,7 +234,7 @@ def decode_attention_triton(
     sm_scale: float,
     logit_cap: float = 0.0,
     *,
-    block_n: int = 64,
+    block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
     num_kv_splits: int | None = None,
@@ -244,10 +244,10 @@ def decode_attention_triton(
     """One new token per request: q (batch, q_heads, head_dim) -> (batch, q_heads, head_dim) in q.dtype.
 
     Request b attends to slots kv_indices[kv_indptr[b] : kv_indptr[b + 1]] (an empty request gives zeros), exactly
-    as reference.decode_attention. Launch parameters are keywords so tuned configs can be passed in; num_kv_splits
-    None takes default_num_kv_splits. dot_precision "tf32x3" keeps the tensor-core dots within float32 accuracy of
-    the reference; "tf32" is faster and about 1e-3 off. check_indices=False skips the index checks (device syncs),
-    for CUDA-graph capture; the caller then guarantees the slots are in range.
+    as reference.decode_attention. Launch parameters are keywords so tuned configs can be passed in; None takes a
+    rule: default_num_kv_splits, block_n 64 (32 above head_dim 128). dot_precision "tf32x3" keeps the tensor-core
+    dots within float32 accuracy of the reference; "tf32" is faster and 1e-3 to 3e-3 off. check_indices=False skips
+    the index checks (device syncs), for CUDA-graph capture; the caller then guarantees the slots are in range.
     """
     launch = prepare_attention(
         q, k_pool, v_pool, kv_indptr, kv_indices, k_quantizer, v_quantizer,
@@ -256,6 +256,8 @@ def decode_attention_triton(
     batch, q_heads, head_dim = q.shape
     if kv_indptr.numel() != batch + 1:
         raise ValueError(f"kv_indptr must have batch + 1 = {batch + 1} entries, got {kv_indptr.numel()}")
+    if block_n is None:
+        block_n = 64 if head_dim <= 128 else 32  # float32 K and V tiles of 64 x 256 overflow shared memory
     check_launch(block_n=block_n)
     kv_heads = k_pool.shape[1]
     splits = default_num_kv_splits(batch, kv_heads, launch.device) if num_kv_splits is None else num_kv_splits

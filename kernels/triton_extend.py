@@ -173,23 +173,26 @@ def extend_attention_triton(
     logit_cap: float = 0.0,
     *,
     max_new_tokens: int | None = None,
-    block_m: int = 64,
-    block_n: int = 64,
+    block_m: int | None = None,
+    block_n: int = 32,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int = 1,
     dot_precision: str = "tf32x3",
     check_indices: bool = True,
 ) -> torch.Tensor:
     """New tokens of each request, causal over prefix + themselves: q (tokens, q_heads, head_dim) -> same shape in
     q.dtype, exactly as reference.extend_attention.
 
-    max_new_tokens (the longest request's new tokens) sizes the grid; None reads it from qo_indptr (a device sync).
-    check_indices=False skips the index checks (device syncs); the caller then guarantees them.
+    block_m None is 64 rows (32 above head_dim 128). max_new_tokens (the longest request's new tokens) sizes the
+    grid; None reads it from qo_indptr (a device sync). check_indices=False skips the index checks (device syncs);
+    the caller then guarantees them.
     """
     launch = prepare_attention(
         q, k_pool, v_pool, kv_indptr, kv_indices, k_quantizer, v_quantizer,
         dot_precision=dot_precision, check_indices=check_indices,
     )  # fmt: skip
+    if block_m is None:
+        block_m = 64 if q.shape[-1] <= 128 else 32  # float32 query and value tiles of 64 x 256 need too many registers
     check_launch(block_m=block_m, block_n=block_n)
     if qo_indptr.dtype not in (torch.int32, torch.int64) or qo_indptr.dim() != 1 or qo_indptr.device != q.device:
         raise ValueError(f"qo_indptr: expected a 1-D int32/int64 tensor on {q.device}, got {qo_indptr.dtype} "

@@ -181,6 +181,7 @@ def bench_decode(
     timer,
     copy_bw: float,
     flex,
+    dot_precision: str,
 ) -> list[dict]:
     """One (batch, context): the bf16 peers, then TurboQuant at each bits value."""
     from tq_serve.kernels.triton_decode import decode_attention_triton
@@ -216,7 +217,8 @@ def bench_decode(
         k_pool = packed_pool(k_qz.layout, tokens, hkv, device, gen)
         v_pool = packed_pool(v_qz.layout, tokens, hkv, device, gen)
         args = (q, k_pool, v_pool, kv_indptr, kv_indices, k_qz, v_qz, d**-0.5)
-        ms = timer(lambda: decode_attention_triton(*args, check_indices=False))  # noqa: B023 (called right here)
+        launch = {"check_indices": False, "dot_precision": dot_precision}
+        ms = timer(lambda: decode_attention_triton(*args, **launch))  # noqa: B023 (called right here)
         read = packed + tokens * kv_indices.element_size()
         row |= {
             "tq_us": ms * 1e3,
@@ -293,8 +295,11 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 class DecodeStep:
     """One decode step of a Llama-like model with random bf16 weights; attention is bf16 SDPA or TurboQuant."""
 
-    def __init__(self, shape: ModelShape, batch: int, context: int, bits: float, variant: str, device, gen) -> None:
+    def __init__(
+        self, shape: ModelShape, batch: int, context: int, bits: float, variant: str, device, gen, dot_precision: str
+    ) -> None:
         s = shape
+        self.dot_precision = dot_precision
         self.shape, self.batch, self.context, self.bits = s, batch, context, bits
         dt = torch.bfloat16
 
@@ -333,7 +338,7 @@ class DecodeStep:
         write_kv_triton(self.k_pool, self.v_pool, k, v, self.loc, self.k_qz, self.v_qz, check_indices=False)
         return decode_attention_triton(
             q, self.k_pool, self.v_pool, self.kv_indptr, self.kv_indices, self.k_qz, self.v_qz,
-            s.head_dim**-0.5, check_indices=False,
+            s.head_dim**-0.5, check_indices=False, dot_precision=self.dot_precision,
         )  # fmt: skip
 
     def __call__(self) -> torch.Tensor:
@@ -373,18 +378,18 @@ def _graphed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[Call
         return fn, False
 
 
-def bench_step(shape, batch, context, bits_list, variant, device, timer) -> list[dict]:
+def bench_step(shape, batch, context, bits_list, variant, device, timer, dot_precision: str) -> list[dict]:
     gen = torch.Generator().manual_seed(batch + context)
     per_layer_bf16 = 2 * batch * context * shape.kv_heads * shape.head_dim * 2
     if not _fits(device, per_layer_bf16 + 2 * shape.hidden * (shape.hidden + 3 * shape.intermediate) * 2):
         return [{"kernel": "step", "batch": batch, "context": context, "skipped": "does not fit in device memory"}]
-    step = DecodeStep(shape, batch, context, 16, variant, device, gen)
+    step = DecodeStep(shape, batch, context, 16, variant, device, gen, dot_precision)
     run, graphed = _graphed(step, device)
     bf16_ms = timer(run)
     del step, run
     rows = []
     for bits in bits_list:
-        step = DecodeStep(shape, batch, context, bits, variant, device, gen)
+        step = DecodeStep(shape, batch, context, bits, variant, device, gen, dot_precision)
         run, graphed_tq = _graphed(step, device)
         ms = timer(run)
         rows.append(
@@ -452,6 +457,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--write-tokens", type=int, nargs="+", default=[32, 8192])
     parser.add_argument("--step-batch", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--step-context", type=int, nargs="+", default=[8192])
+    parser.add_argument(
+        "--dot-precision", default="tf32x3", choices=["tf32x3", "tf32", "ieee"], help="tl.dot input precision"
+    )
     parser.add_argument("--skip", nargs="*", default=[], choices=["decode", "write", "step"])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
     parser.add_argument("--json", action="store_true", help="print the JSON report instead of the tables")
@@ -486,21 +494,23 @@ def main(argv: list[str]) -> int:
         for batch in batches:
             for context in contexts:
                 rows += bench_decode(
-                    shape, batch, context, bits_list, args.variant, peers, device, timer, copy_bw, flex
-                )
+                    shape, batch, context, bits_list, args.variant, peers, device, timer, copy_bw, flex,
+                    args.dot_precision,
+                )  # fmt: skip
     if "write" not in args.skip:
         for tokens in write_tokens:
             rows += bench_write(shape, tokens, bits_list, args.variant, device, timer)
     if "step" not in args.skip:
         for batch in step_batches:
             for context in step_contexts:
-                rows += bench_step(shape, batch, context, bits_list, args.variant, device, timer)
+                rows += bench_step(shape, batch, context, bits_list, args.variant, device, timer, args.dot_precision)
 
     report = {
         "benchmark": "kernels",
         "environment": environment(device),
         "timings_meaningful": device.type == "cuda" and not args.smoke,
         "shape": asdict(shape),
+        "dot_precision": args.dot_precision,
         "copy_GBps": copy_bw / 1e9,
         "rows": rows,
     }
