@@ -11,8 +11,8 @@ A replica whose engine died fails its health check and Ray Serve replaces it; re
 (503 before the answer started, an SSE error event after), never a hang.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request) at runtime, and Serve
+# rebuilds the class-based handlers' signatures, which leaves string annotations unresolved.
 import json
 import secrets
 from collections.abc import AsyncIterator
@@ -111,6 +111,15 @@ class EngineReplica:
             engine.stop()
 
 
+async def _relay(answer: DeploymentResponseGenerator) -> AsyncIterator[bytes]:
+    """Pass SSE chunks through; a replica that dies mid-stream becomes an error event, not a cut connection."""
+    try:
+        async for chunk in answer:
+            yield chunk
+    except ray.exceptions.RayError as err:
+        yield sse_error(f"engine replica failed mid-stream: {err}")
+
+
 @serve.ingress(api)
 class Ingress:
     """The one HTTP endpoint: checks the API key and hands /v1/* to an engine replica."""
@@ -129,7 +138,7 @@ class Ingress:
     def health(self) -> JSONResponse:
         """200 while at least one engine replica runs; the body counts replicas by state (no API key, like SGLang)."""
         deployment = serve.status().applications[APP_NAME].deployments[ENGINE_DEPLOYMENT]
-        states = {str(state.value): count for state, count in deployment.replica_states.items()}
+        states = dict(deployment.replica_states)
         running = states.get("RUNNING", 0)
         return JSONResponse({"status": "ok" if running else "unavailable", "replicas": states}, 200 if running else 503)
 
@@ -157,15 +166,6 @@ class Ingress:
         except (ray.exceptions.RayError, EngineError) as err:
             return Response(error_body(502, f"engine replica failed: {err}"), 502, headers, "application/json")
         return Response(content, head["status"], headers, media_type=head["content_type"])
-
-
-async def _relay(answer: DeploymentResponseGenerator) -> AsyncIterator[bytes]:
-    """Pass SSE chunks through; a replica that dies mid-stream becomes an error event, not a cut connection."""
-    try:
-        async for chunk in answer:
-            yield chunk
-    except ray.exceptions.RayError as err:
-        yield sse_error(f"engine replica failed mid-stream: {err}")
 
 
 def build_app(
