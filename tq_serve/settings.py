@@ -97,7 +97,7 @@ class ServeSettings(BaseSettings):
     """Prompts that agree on this many leading characters go to the same replica (radix-cache hits); 0: no affinity."""
     ray_address: str | None = None
     """Ray cluster to deploy on (`ray start --head` prints it; `auto` finds a local one), even with one replica;
-    default: a private local Ray started and stopped with the server."""
+    default (or `local`): a private local Ray started and stopped with the server."""
 
     @field_validator("min_replicas", "max_replicas")
     @classmethod

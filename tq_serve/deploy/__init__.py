@@ -11,6 +11,7 @@ removes everything it started: the application (whose replicas stop their engine
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -84,10 +85,13 @@ def serve_replicas(settings: ServeSettings, cfg: ServeConfig) -> int:
         affinity_prefix_chars=settings.affinity_prefix_chars,
         api_key=cfg.api_key,
     )
-    local = settings.ray_address is None
+    local = settings.ray_address in (None, "local")
     try:
         if local:
-            ray.init(include_dashboard=False)
+            # Ray runs workers at nice 15 to keep its own daemons responsive; here the workers are the engines, the
+            # node's main work, and they must not lose the CPU to anything else on the machine.
+            os.environ.setdefault("RAY_worker_niceness", "0")
+            ray.init(address="local", include_dashboard=False)
         else:
             ray.init(address=settings.ray_address)
         # After ray.init, which installs its own SIGTERM handler in a driver.

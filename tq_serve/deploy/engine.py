@@ -2,12 +2,16 @@
 
 The engine is started exactly as a user starts the single server (same CLI, same validation, same SGLang launch),
 with the deployment's settings forwarded as flags, plus a per-engine API key: the engine listens on 127.0.0.1 only,
-and the key keeps other local users from bypassing the ingress's own --api-key.
+and the key keeps other local users from bypassing the ingress's own --api-key. The key travels as TQ_API_KEY, in
+the environment, which other users cannot read (they can read command lines).
 
-Lifetime: the child runs in its own session, so `stop()` can signal its whole process group (SGLang's scheduler and
-detokenizer too), and it gets SIGKILL from the kernel when the thread that started it exits (PR_SET_PDEATHSIG). That
-thread only waits for the child, so the signal fires exactly when the replica's process dies without running its
-`__del__` (Ray force-kills replicas that fail health checks, and `ray.shutdown` kills every worker).
+Lifetime: `stop()` terminates the engine and then kills whatever is left of its process tree (SGLang's scheduler
+and detokenizer). When the replica dies without calling it (Ray force-kills replicas that fail their health check
+or do not stop in time, and `ray.shutdown` kills every worker), two things take the engine down: the kernel sends it
+SIGKILL when the thread that started it exits (PR_SET_PDEATHSIG; that thread only waits for the engine, so it exits
+with the process), and Ray kills the worker's process group, which the engine and its children stay in. SGLang's
+children also die with their parent, but they arm that only after their imports, so a replica killed while its
+engine starts needs Ray's sweep.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import threading
 import time
 
 import httpx
+import psutil
 
 PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 15.0
@@ -39,10 +44,11 @@ def _die_with_parent_thread() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _child_environment() -> dict[str, str]:
-    """The replica's environment without TQ_* variables: the flags carry every setting, and a TQ_REPLICAS=2 left in
-    the environment would make the engine deploy replicas itself."""
-    return {key: value for key, value in os.environ.items() if not key.startswith("TQ_")}
+def _child_environment(api_key: str) -> dict[str, str]:
+    """The replica's environment without TQ_* variables but the key: the flags carry every setting, and a
+    TQ_REPLICAS=2 left in the environment would make the engine deploy replicas itself."""
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("TQ_")}
+    return environ | {"TQ_API_KEY": api_key}
 
 
 class EngineError(RuntimeError):
@@ -50,24 +56,13 @@ class EngineError(RuntimeError):
 
 
 class EngineProcess:
-    """`python -m tq_serve <flags> --host 127.0.0.1 --port <free> --api-key <secret>`, started and watched."""
+    """`TQ_API_KEY=<secret> python -m tq_serve <flags> --host 127.0.0.1 --port <free>`, started and watched."""
 
     def __init__(self, flags: list[str]):
         self.port = free_loopback_port()
         self.api_key = secrets.token_urlsafe(24)
         self.url = f"http://127.0.0.1:{self.port}"
-        self.command = [
-            sys.executable,
-            "-m",
-            "tq_serve",
-            *flags,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--api-key",
-            self.api_key,
-        ]
+        self.command = [sys.executable, "-m", "tq_serve", *flags, "--host", "127.0.0.1", "--port", str(self.port)]
         self._proc: subprocess.Popen | None = None
         self._started = threading.Event()
         self._start_error: BaseException | None = None
@@ -82,9 +77,8 @@ class EngineProcess:
             # stdout/stderr are inherited: Ray writes them to the replica's log and echoes them to the driver.
             self._proc = subprocess.Popen(
                 self.command,
-                env=_child_environment(),
+                env=_child_environment(self.api_key),
                 stdin=subprocess.DEVNULL,
-                start_new_session=True,
                 preexec_fn=_die_with_parent_thread,
             )
         except OSError as err:
@@ -118,22 +112,18 @@ class EngineProcess:
         raise EngineError(f"engine on port {self.port} not ready after {timeout_s:.0f} s")
 
     def stop(self) -> None:
-        """SIGTERM to the engine's process group, SIGKILL after a grace period. Safe to call twice."""
+        """SIGTERM to the engine, SIGKILL to what is left of its process tree after a grace period. Safe to call
+        twice; after the engine has exited its children are no longer findable, and Ray's sweep has them."""
         if self._proc is None or self._proc.poll() is not None:
-            self._kill_group(signal.SIGKILL)
-            return
-        self._kill_group(signal.SIGTERM)
-        try:
-            self._proc.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            pass
-        self._kill_group(signal.SIGKILL)
-
-    def _kill_group(self, sig: signal.Signals) -> None:
-        """The group outlives its leader when SGLang's children are slow to follow it; signal it whole."""
-        if self._proc is None:
             return
         try:
-            os.killpg(self._proc.pid, sig)
-        except ProcessLookupError:
-            pass
+            tree = [psutil.Process(self._proc.pid), *psutil.Process(self._proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        self._proc.terminate()
+        _, alive = psutil.wait_procs(tree, timeout=STOP_GRACE_S)
+        for process in alive:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
