@@ -1,0 +1,141 @@
+"""The Ray deployment's parts that need no running Ray: the routing key, the home replica, the load rule, and the
+flags each engine is started with. tests/test_deploy_ray.py runs the whole thing."""
+
+import asyncio
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
+from ray.serve.request_router import PendingRequest, ReplicaID
+
+from tq_serve.deploy import engine_flags
+from tq_serve.deploy.router import PrefixAffinityRouter, prompt_prefix
+from tq_serve.registry import ModelShape, ResolvedModel
+from tq_serve.settings import ServeSettings, resolve
+
+DEPLOYMENT = DeploymentID(name="EngineReplica", app_name="tq_serve")
+
+
+@dataclass(frozen=True)
+class FakeReplica:
+    """What the router reads of a RunningReplica."""
+
+    replica_id: ReplicaID
+    max_ongoing_requests: int = 32
+
+
+def replicas(n: int) -> list[FakeReplica]:
+    return [FakeReplica(ReplicaID(unique_id=f"r{i}", deployment_id=DEPLOYMENT)) for i in range(n)]
+
+
+def router(prefix_chars: int = 16, max_imbalance: float = 4) -> PrefixAffinityRouter:
+    r = PrefixAffinityRouter(deployment_id=DEPLOYMENT, handle_source=DeploymentHandleSource.UNKNOWN)
+    r.initialize_state(prefix_chars=prefix_chars, max_imbalance=max_imbalance)
+    return r
+
+
+def completion(prompt: object) -> PendingRequest:
+    return PendingRequest(
+        args=["POST", "/v1/completions", {"model": "m", "prompt": prompt}],
+        kwargs={},
+        metadata=RequestMetadata(request_id="x", internal_request_id="x"),
+    )
+
+
+def choose(r: PrefixAffinityRouter, candidates: list[FakeReplica], prompt: object) -> list[list[str]]:
+    """The ranks of replica ids the router returns for a completion of `prompt`."""
+
+    async def run():
+        # PendingRequest makes an asyncio.Future, which wants a running loop.
+        ranks = await r.choose_replicas(candidates, completion(prompt))
+        return [[c.replica_id.unique_id for c in rank] for rank in ranks]
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        ({"prompt": "def fib(n): return n if n < 2 else fib(n - 1)"}, "def fib(n): retu"),
+        ({"prompt": ["first prompt of a batch", "second"]}, "first prompt of "),
+        ({"prompt": [1, 2, 3]}, "[1, 2, 3]"),
+        ({"prompt": "short"}, "short"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, '[{"role":"user",'),
+        ({"model": "m"}, None),
+        (None, None),
+    ],
+)
+def test_routing_key_is_the_start_of_the_prompt(body, key):
+    assert prompt_prefix(["POST", "/v1/x", body], 16) == key
+
+
+def test_no_affinity_when_prefix_chars_is_zero():
+    assert prompt_prefix(["POST", "/v1/completions", {"prompt": "abc"}], 0) is None
+
+
+def test_a_shared_prefix_has_one_home_ranked_first_with_the_others_behind():
+    r, candidates = router(), replicas(3)
+    homes = {choose(r, candidates, f"same sixteen chs then {i}")[0][0] for i in range(20)}
+    assert len(homes) == 1
+    ranks = choose(r, candidates, "same sixteen chs")
+    assert len(ranks) == 2 and ranks[0] not in ranks[1] and len(ranks[1]) == 2
+
+
+def test_distinct_prefixes_spread_over_replicas():
+    r, candidates = router(), replicas(4)
+    rng = random.Random(0)
+    homes = [choose(r, candidates, f"{rng.random():.16f}")[0][0] for _ in range(400)]
+    assert all(60 < homes.count(f"r{i}") < 140 for i in range(4))
+
+
+def test_only_the_keys_of_a_removed_replica_move():
+    r, candidates = router(), replicas(4)
+    keys = [f"prompt number {i:04d}" for i in range(200)]
+    before = {k: choose(r, candidates, k)[0][0] for k in keys}
+    after = {k: choose(r, candidates[:3], k)[0][0] for k in keys}
+    assert all(after[k] == before[k] for k in keys if before[k] != "r3")
+
+
+def test_an_overloaded_home_yields_to_power_of_two():
+    r, candidates = router(max_imbalance=4), replicas(3)
+    home = choose(r, candidates, "a long shared system prompt")[0][0]
+    by_id = {c.replica_id.unique_id: c for c in candidates}
+    r.replica_queue_len_cache.update(by_id[home].replica_id, 3)
+    assert choose(r, candidates, "a long shared system prompt")[0] == [home]
+    r.replica_queue_len_cache.update(by_id[home].replica_id, 4)
+    ranks = choose(r, candidates, "a long shared system prompt")
+    assert len(ranks) == 1 and len(ranks[0]) == 2
+
+
+def test_requests_without_a_prompt_use_power_of_two():
+    ranks = choose(router(), replicas(3), None)
+    assert len(ranks) == 1 and len(ranks[0]) == 2
+
+
+def test_engine_flags_forward_the_single_server_settings_with_absolute_paths(tmp_path, monkeypatch):
+    model_dir = tmp_path / "m"
+    settings = ServeSettings(
+        model="tq-tiny", kv_bits=3, kv_schedule=Path("sched.yaml"), replicas=2, api_key="k", port=9, seed=3
+    )
+    cfg = resolve_stub(settings, model_dir)
+    monkeypatch.chdir(tmp_path)
+    flags = engine_flags(settings, cfg)
+    assert flags[:6] == ["--model", "tq-tiny", "--model-path", str(model_dir), "--device", "cpu"]
+    pairs = dict(zip(flags[6::2], flags[7::2], strict=True))
+    assert pairs["--kv-bits"] == "3" and pairs["--seed"] == "3"
+    assert pairs["--kv-schedule"] == str(tmp_path / "sched.yaml")
+    # The engine gets its own port and key; deployment settings would make it deploy replicas itself.
+    assert not {"--port", "--api-key", "--host", "--replicas", "--ray-address"} & set(pairs)
+
+
+def resolve_stub(settings: ServeSettings, model_dir: Path):
+    """A ServeConfig without weights on disk (resolve needs a model directory)."""
+    model = ResolvedModel(name="tq-tiny", path=model_dir, shape=ModelShape(num_layers=2, num_kv_heads=2, head_dim=64))
+
+    class Registry:
+        def resolve(self, name, model_path):
+            return model
+
+    return resolve(settings.model_copy(update={"kv_schedule": None, "device": "cpu"}), Registry())
