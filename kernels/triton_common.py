@@ -18,7 +18,9 @@ in channel order whose bytes are the bfloat16 values.
 
 Centroids are looked up with one load from a (32,) float32 codebook buffer (16 entries per segment): the buffer is a
 single 128-byte line that stays in L1, it is one instruction per element whatever the bits, where a tl.where chain
-costs 2**bits - 1 selects per element (15 at 4 bits) and ALU time is what the unpack competes with.
+costs 2**bits - 1 selects per element (15 at 4 bits) and ALU time is what the unpack competes with. Loads issue at a
+quarter of the ALU rate, so if a profile shows the load unit saturated, the next step is a byte -> centroid-pair table
+(one load per byte of a 4-bit plane yields two channels).
 
 The constant parameters of one record layout are passed to the kernels as flat constexprs named `<P>_...` with
 P = K or V (see RecordTiles.constexprs); kernels and helpers take them in the same order.
@@ -61,11 +63,6 @@ class RecordTiles:
 
     layout: VectorLayout
     segments: tuple[SegmentTile, ...]
-
-    @property
-    def width(self) -> int:
-        """Tile columns of all segments together (>= head_dim; more when padded)."""
-        return sum(s.pieces * s.up for s in self.segments)
 
     def constexprs(self, prefix: str) -> dict[str, int]:
         lay = self.layout
@@ -230,7 +227,7 @@ def load_segment(
         return (lo | (hi << 8)).to(tl.bfloat16, bitcast=True).to(tl.float32)
     else:
         codes = load_codes(rec, mask, U, UP, PIECES, BITS, A_OFF, A_BITS, B_OFF)
-        return tl.load(cb_ptr + SEG * 16 + codes, mask=mask, other=0.0)
+        return tl.load(cb_ptr + SEG * 16 + codes, mask=mask, other=0.0)  # 16 = CODEBOOK_STRIDE
 
 
 @triton.jit
