@@ -37,38 +37,47 @@ TINY_SPACES = {
 
 SHARED_MEMORY_BYTES = 227 * 1024  # per block on Hopper (H100/H200); smaller GPUs fail at compile and are skipped
 MAX_TILE_ELEMENTS_PER_THREAD = 128  # beyond this an fp32 tile spills registers
+# Unpacked K/V tiles feed tl.dot as fp32 (4 bytes per coordinate, K and V), and each pipeline stage holds its own.
+# Measured on sm_90 with Triton 3.8 at d=128, 2 stages: decode block_n 64 takes 120 KiB (mse) and 168 KiB (prod),
+# extend 64x64 takes 192 KiB; the estimates below stay within ~10% of those, on the high side.
+PROD_SHARED_FACTOR = 1.4  # QJL sign tiles of K and V
 
 
 def _padded(head_dim: int) -> int:
     return 1 << (head_dim - 1).bit_length()
 
 
-def keep(kernel: str, config: dict, head_dim: int) -> bool:
-    """False for configs that cannot fit: blocks wider than the head, tiles beyond registers or shared memory."""
-    d = _padded(head_dim)
-    threads = 32 * config["num_warps"]
+def shared_memory_estimate(kernel: str, config: dict, head_dim: int, variant: str = "mse") -> float:
+    """Bytes of shared memory a config needs, from the fp32 operand tiles it stages."""
+    d, stages = _padded(head_dim), max(1, config["num_stages"])
+    factor = PROD_SHARED_FACTOR if variant == "prod" else 1.0
     if kernel == "write":
-        if config["block_k"] > d:
-            return False
-        tile = config["block_m"] * d  # the rotated rows live in registers while codes are packed
-        return tile / threads <= MAX_TILE_ELEMENTS_PER_THREAD
+        return config["block_m"] * config["block_k"] * 4 + config["block_k"] * d * 4  # rows and a slice of R
     if kernel == "decode":
-        tile = config["block_n"] * d  # unpacked centroid values of one K or V block
-        staged = config["num_stages"] * config["block_n"] * d  # packed bytes of K and V, <= 1 byte per coordinate
-        return tile / threads <= MAX_TILE_ELEMENTS_PER_THREAD and staged <= SHARED_MEMORY_BYTES
+        return factor * stages * config["block_n"] * d * 8
     if kernel == "extend":
-        tile = max(config["block_m"], config["block_n"]) * d
-        staged = config["num_stages"] * (config["block_m"] * d * 4 + config["block_n"] * d)
-        return tile / threads <= MAX_TILE_ELEMENTS_PER_THREAD and staged <= SHARED_MEMORY_BYTES
+        return factor * 1.2 * (config["block_m"] * d * 4 + stages * config["block_n"] * d * 8)
     raise ValueError(f"unknown kernel {kernel!r}: known kernels are {', '.join(KERNEL_PARAMS)}")
 
 
-def candidates(kernel: str, head_dim: int, space: dict | None = None) -> list[dict]:
+def keep(kernel: str, config: dict, head_dim: int, variant: str = "mse") -> bool:
+    """False for configs that cannot fit: blocks wider than the head, tiles beyond registers or shared memory."""
+    if shared_memory_estimate(kernel, config, head_dim, variant) > SHARED_MEMORY_BYTES:
+        return False
+    d, threads = _padded(head_dim), 32 * config["num_warps"]
+    if kernel == "write":
+        # The rotated rows live in registers while their codes are packed.
+        return config["block_k"] <= d and config["block_m"] * d / threads <= MAX_TILE_ELEMENTS_PER_THREAD
+    rows = config["block_n"] if kernel == "decode" else max(config["block_m"], config["block_n"])
+    return rows * d / threads <= MAX_TILE_ELEMENTS_PER_THREAD
+
+
+def candidates(kernel: str, head_dim: int, space: dict | None = None, variant: str = "mse") -> list[dict]:
     """All configs of `space` (default: SPACES[kernel]) that `keep` admits, in a stable order."""
     space = SPACES[kernel] if space is None else space
     names = list(space)
     configs = [dict(zip(names, values, strict=True)) for values in itertools.product(*(space[n] for n in names))]
-    return [c for c in configs if keep(kernel, c, head_dim)]
+    return [c for c in configs if keep(kernel, c, head_dim, variant)]
 
 
 def default_config(kernel: str, head_dim: int) -> dict:

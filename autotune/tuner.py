@@ -151,7 +151,7 @@ def tune(
     timer = timer or default_timer()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     case = make_case(key, size, device)
-    configs = candidates(key.kernel, key.head_dim, space)
+    configs = candidates(key.kernel, key.head_dim, space, key.variant)
     timed, skipped = [], 0
     for i, config in enumerate(configs, 1):
         try:

@@ -140,12 +140,13 @@ class TurboQuantizer:
         if lay.variant == "prod":
             residual = y - approx
             signs = (residual @ t.qjl.T) >= 0
-            out[..., lay.qjl_offset : lay.qjl_offset + lay.qjl_bytes] = pack_plane(signs, self._qjl_plane)
+            out[..., lay.qjl_offset : lay.qjl_offset + lay.qjl_bytes] = pack_plane(signs, self.qjl_plane)
             write_scalar(out, lay.rnorm_offset, residual.norm(dim=-1), self.norm_dtype)
         return out
 
     @property
-    def _qjl_plane(self) -> Plane:
+    def qjl_plane(self) -> Plane:
+        """The 1-bit plane of QJL residual signs over all head_dim coordinates (prod only)."""
         return Plane(offset=self.layout.qjl_offset, bits=1, shift=0, start=0, channels=self.layout.head_dim)
 
     def codes(self, packed: torch.Tensor) -> torch.Tensor:
@@ -182,7 +183,7 @@ class TurboQuantizer:
         values *= norm
         if lay.variant != "prod":
             return values, None
-        signs = unpack_plane(packed, self._qjl_plane).float() * 2 - 1
+        signs = unpack_plane(packed, self.qjl_plane).float() * 2 - 1
         gamma = read_scalar(packed, lay.rnorm_offset, self.norm_dtype).unsqueeze(-1)
         return values, signs * (norm * gamma * self.qjl_scale)
 

@@ -52,7 +52,7 @@ def _compare_records(got: torch.Tensor, want: torch.Tensor, qz: TurboQuantizer) 
     assert diff.count_nonzero().item() <= MAX_CODE_FLIPS * diff.numel()
     torch.testing.assert_close(qz.norms(got), qz.norms(want), rtol=NORM_RTOL[lay.norm_dtype], atol=0)
     if lay.variant == "prod":
-        plane = qz._qjl_plane
+        plane = qz.qjl_plane
         flips = (unpack_plane(got, plane) != unpack_plane(want, plane)).count_nonzero().item()
         assert flips <= MAX_SIGN_FLIPS * got.shape[:-1].numel() * lay.head_dim
         dtype = getattr(torch, lay.norm_dtype)

@@ -170,6 +170,18 @@ def _flex_decode():
     return lambda q, k, v: compiled(_grouped(q, k.shape[1]), k, v).reshape(q.shape)
 
 
+def tuned_config(kernel: str, head_dim: int, bits: float, group: int, variant: str) -> tuple[dict, str]:
+    """(config, source) that autotune's lookup gives this GPU; source "rule" means nothing tuned applies."""
+    import triton
+
+    from tq_serve.autotune.store import TuningKey, lookup
+    from tq_serve.autotune.tuner import device_name
+
+    key = TuningKey(kernel=kernel, gpu=device_name(), triton=triton.__version__, head_dim=head_dim, k_bits=bits,
+                    v_bits=bits, group=group, variant=variant)  # fmt: skip
+    return lookup(key)
+
+
 def bench_decode(
     shape: ModelShape,
     batch: int,
@@ -219,6 +231,9 @@ def bench_decode(
         args = (q, k_pool, v_pool, kv_indptr, kv_indices, k_qz, v_qz, d**-0.5)
         launch = {"check_indices": False, "dot_precision": dot_precision}
         ms = timer(lambda: decode_attention_triton(*args, **launch))  # noqa: B023 (called right here)
+        # The config serving would use (configs/kernels/ via autotune's lookup) against the launcher defaults above.
+        tuned, source = tuned_config("decode", d, bits, hq // hkv, variant)
+        tuned_ms = timer(lambda: decode_attention_triton(*args, **launch, **tuned)) if source != "rule" else None  # noqa: B023
         read = packed + tokens * kv_indices.element_size()
         row |= {
             "tq_us": ms * 1e3,
@@ -229,6 +244,11 @@ def bench_decode(
             "of_copy_bw": read / (ms * 1e-3) / copy_bw,
             "peer_GBps": bf16_bytes / (peer_ms[best_peer] * 1e-3) / 1e9 if best_peer else None,
             "bytes_vs_bf16": bf16_bytes / read,
+            "config_source": source,
+            "tuned_config": tuned if tuned_ms else None,
+            "tuned_us": tuned_ms * 1e3 if tuned_ms else None,
+            "tuned_vs_default": ms / tuned_ms if tuned_ms else None,
+            "tuned_speedup": peer_ms[best_peer] / tuned_ms if best_peer and tuned_ms else None,
             **{f"{name}_us": t * 1e3 for name, t in peer_ms.items()},
         }
         rows.append(row)
@@ -432,7 +452,8 @@ def _print_tables(report: dict) -> None:
     print(f"device-to-device copy: {report['copy_GBps']:.1f} GB/s (read + write)\n")
     groups = {
         "decode": {"batch": "d", "context": "d", "bits": "g", "tq_us": ".1f", "peer": "", "peer_us": ".1f",
-                   "speedup": ".2f", "tq_GBps": ".0f", "of_copy_bw": ".2f", "bytes_vs_bf16": ".2f"},
+                   "speedup": ".2f", "tq_GBps": ".0f", "of_copy_bw": ".2f", "bytes_vs_bf16": ".2f",
+                   "config_source": "", "tuned_vs_default": ".2f"},
         "write": {"tokens": "d", "bits": "g", "tq_us": ".1f", "peer_us": ".1f", "speedup": ".2f",
                   "tokens_per_s": ".3g", "tq_GBps": ".0f"},
         "step": {"batch": "d", "context": "d", "bits": "g", "tq_us": ".0f", "peer_us": ".0f", "speedup": ".2f",
