@@ -12,7 +12,7 @@ tables, percentiles and HTML report cover every metric; request_type is the API,
 
 Output tokens come from the final usage chunk (stream_options.include_usage), else from the chunks with text.
 A failure is an HTTP status >= 400, a malformed SSE line or chunk, an error object in the stream, a stream that ends
-without [DONE], a dropped connection, a timeout, or a stream without any text; its reason is the error's name.
+without [DONE], a dropped connection, a timeout, or a stream without any text; its reason names which.
 
 Workloads (--workload): `chat` short prompts; `shared-prefix` one long system prompt shared by all requests plus a
 short question (RadixAttention serves the prefix from its cache); `long-context` prompts near the model's context
@@ -28,7 +28,7 @@ and end) is written to DIR/run.json; loadtest/summarize.py computes exact percen
 histogram rounds to 2 significant digits). Keep to one locust process (no --processes): the records are per process.
 
 This file runs only inside locust's own process: gevent monkey-patches the standard library, which breaks ssl when
-mixed with ray or requests imported before it (docs DESIGN.md section 1). Nothing under tq_serve/ or tests/ imports it.
+mixed with ray or requests imported before it (DESIGN.md section 1). Nothing under tq_serve/ or tests/ imports it.
 """
 
 from __future__ import annotations

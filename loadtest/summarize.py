@@ -161,8 +161,10 @@ def format_compare(a: dict, b: dict) -> str:
     for name, value_a in rows_a.items():
         value_b = rows_b[name]
         ratio = f"{value_b / value_a:.2f}x" if value_a and value_b is not None and "failed" not in name else ""
-        digits = 0 if name.startswith("requests c") or "failed" in name else 1
-        lines.append(f"{name:20}{_number(value_a, digits):>{width}}{_number(value_b, digits):>{width}}{ratio:>8}")
+        digits = {"requests completed": 0, "requests failed": 0, "requests/s": 2}.get(name, 1)
+        lines.append(
+            f"{name:20}{_number(value_a, digits):>{width}}{_number(value_b, digits):>{width}}{ratio:>8}".rstrip()
+        )
     return "\n".join(lines)
 
 
