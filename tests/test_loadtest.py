@@ -2,7 +2,8 @@
 loopback port, once for the module, then a short headless locust run of each workload through loadtest/run.py.
 
 Sizes are small so that the four runs fit in a few minutes on a shared 2-core CPU; TQ_* variables of the caller's
-environment reach the server (TQ_KV_BITS=16 loads plain SGLang instead). Locust runs as a subprocess only."""
+environment reach the server (TQ_KV_BITS=16 loads plain SGLang instead); LOADTEST_DURATION sets each run's length.
+Locust runs as a subprocess only."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 LOADTEST = Path(__file__).resolve().parents[1] / "loadtest"
 API_KEY = "loadtest-secret"
 START_TIMEOUT_S = 900
-DURATION = os.environ.get("TQ_LOADTEST_DURATION", "20s")
+DURATION = os.environ.get("LOADTEST_DURATION", "20s")
 # Output and prompt sizes per run, in tokens; long-context fills the context (1024 for tq-tiny) minus a margin.
 SIZES = ["--output-tokens", "8", "--prompt-tokens", "32", "--prefix-tokens", "256"]
 
