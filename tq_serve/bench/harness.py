@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -67,6 +68,8 @@ def running_server(flags: Sequence[str], log: Path) -> Iterator[str]:
             [sys.executable, "-m", "tq_serve", *flags, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT
         )
     url = f"http://127.0.0.1:{port}"
+    # A benchmark stopped with SIGTERM (timeout, CI) must still stop its server: turn the signal into SystemExit.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not _ready(url):
@@ -80,6 +83,7 @@ def running_server(flags: Sequence[str], log: Path) -> Iterator[str]:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _ready(url: str) -> bool:
