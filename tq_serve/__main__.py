@@ -25,8 +25,6 @@ def _describe(err: ValidationError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tq_serve import server
-
     argv = sys.argv[1:] if argv is None else argv
     try:
         settings = load_settings(argv)
@@ -37,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"tq_serve: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from tq_serve import server  # imports torch (via the plug-in's config): not needed for --help or bad input
+
     summary = cfg.summary() | {"attention_backend": server.attention_backend(cfg)}
     if settings.dry_run:
         print("\n".join(f"{key}: {json.dumps(value)}" for key, value in summary.items()))
