@@ -143,6 +143,8 @@ class TurboQuantAttnBackend(AttentionBackend):
         self._check_layer(layer)
         if save_kv_cache and k is not None:
             # Write first: the new tokens are then attended through exactly the records a cache hit would read.
+            k = k.reshape(-1, layer.tp_k_head_num, layer.qk_head_dim)
+            v = v.reshape(-1, layer.tp_k_head_num, layer.v_head_dim)
             self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
         k_quantizer, v_quantizer = self.pool.quantizers(layer.layer_id)
         md = self.forward_metadata
