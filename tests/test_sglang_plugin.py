@@ -328,6 +328,7 @@ def extend_batch(req_pool_indices, prefix_lens, extend_lens, out_cache_loc, mode
         seq_lens_sum=int(seq_lens.sum()),
         extend_prefix_lens=torch.tensor(prefix_lens),
         extend_seq_lens=torch.tensor(extend_lens),
+        extend_seq_lens_cpu=list(extend_lens),
         out_cache_loc=out_cache_loc,
     )
 
@@ -503,3 +504,38 @@ def test_quantizers_follow_the_config_seed_and_rotation():
     cfg = TurboQuantConfig(kv_bits=4, seed=5, rotation="hadamard")
     pool, layout = make_pool(cfg)
     assert pool.quantizers(0)[0] is get_quantizer(layout.k(0), 5, "hadamard", False)
+
+
+@pytest.mark.parametrize("variant", ["mse", "prod"])
+def test_triton_interpreter_path_matches_the_reference_path(variant):
+    """use_triton_interpreter runs the GPU code path (the Triton kernels) on a CPU: same batch, same outputs."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    torch.manual_seed(4)
+    layer = make_layer(0)
+    k, v = torch.randn(2, 9, HKV, D, dtype=torch.bfloat16)  # 2 cached, 5 extend, 2 decode tokens
+    q_extend, q_decode = torch.randn(5, HQ * D, dtype=torch.bfloat16), torch.randn(2, HQ * D, dtype=torch.bfloat16)
+    # request 0: 2 new tokens at slots 5, 6; request 1: 2 cached at 20, 21 and 3 new at 22..24; then one decode step
+    extend = extend_batch([0, 1], [0, 2], [2, 3], torch.tensor([5, 6, 22, 23, 24]))
+    decode = SimpleNamespace(
+        forward_mode=ForwardMode.DECODE,
+        batch_size=2,
+        req_pool_indices=torch.tensor([0, 1]),
+        seq_lens=torch.tensor([3, 6]),
+        seq_lens_sum=9,
+        out_cache_loc=torch.tensor([7, 25]),
+    )
+    outputs = {}
+    for interpret in (False, True):
+        pool, _ = make_pool(TurboQuantConfig(kv_bits=3, variant=variant, use_triton_interpreter=interpret))
+        backend, req_to_token = make_backend(pool)
+        assert backend._ops(layer).name == ("triton" if interpret else "torch reference")
+        req_to_token[0, :3], req_to_token[1, :6] = torch.tensor([5, 6, 7]), torch.arange(20, 26)
+        pool.set_kv_buffer(layer, torch.tensor([20, 21]), k[:2], v[:2])
+        backend.init_forward_metadata(extend)
+        out_e = backend.forward_extend(q_extend, k[2:7].reshape(5, -1), v[2:7].reshape(5, -1), layer, extend)
+        backend.init_forward_metadata(decode)
+        out_d = backend.forward_decode(q_decode, k[7:].reshape(2, -1), v[7:].reshape(2, -1), layer, decode)
+        outputs[interpret] = (out_e.float(), out_d.float())
+    for ref, tri in zip(outputs[False], outputs[True], strict=True):
+        torch.testing.assert_close(tri, ref, atol=3e-2, rtol=3e-2)

@@ -17,6 +17,7 @@ import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 
+from .ops import LayerOps, layer_ops
 from .pool import TurboQuantKVPool
 
 
@@ -29,14 +30,16 @@ class TurboQuantMetadata:
     decode, request b:   kv slots | seq_len[b] - 1 (cached) | 1 (the new token, already written) |
                          q rows: one
 
-    qo_indptr   (B+1,)   q rows of request b: qo_indptr[b] : qo_indptr[b+1]       (None for decode)
-    kv_indptr   (B+1,)   its slots: kv_indices[kv_indptr[b] : kv_indptr[b+1]]
-    kv_indices  (>= nnz,) slot ids, each request's req_to_token row up to its seq_len
+    qo_indptr       (B+1,)    q rows of request b: qo_indptr[b] : qo_indptr[b+1]       (None for decode)
+    kv_indptr       (B+1,)    its slots: kv_indices[kv_indptr[b] : kv_indptr[b+1]]
+    kv_indices      (>= nnz,) slot ids, each request's req_to_token row up to its seq_len
+    max_extend_len  the longest extend_len, a host int: the extend kernel sizes its grid without a device sync
     """
 
     kv_indptr: torch.Tensor
     kv_indices: torch.Tensor
     qo_indptr: torch.Tensor | None = None
+    max_extend_len: int | None = None
 
 
 class TurboQuantAttnBackend(AttentionBackend):
@@ -55,7 +58,7 @@ class TurboQuantAttnBackend(AttentionBackend):
             raise NotImplementedError("attention backend 'turboquant' does not support encoder-decoder models")
         self.device = torch.device(model_runner.device)
         self.pool = pool
-        self.ops = pool.ops
+        self._layer_ops: dict[int, LayerOps] = {}
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
         self.max_context_len = self.req_to_token.shape[1]
         # Fixed-address metadata buffers: a captured CUDA graph reads these, and replay refills them in place.
@@ -96,11 +99,15 @@ class TurboQuantAttnBackend(AttentionBackend):
         kv_indptr = torch.zeros(bs + 1, dtype=torch.int64, device=self.device)
         kv_indices = torch.empty(forward_batch.seq_lens_sum, dtype=torch.int64, device=self.device)
         self._fill_kv(forward_batch.req_pool_indices[:bs], seq_lens, kv_indptr, kv_indices)
-        qo_indptr = None
+        qo_indptr = max_extend_len = None
         if mode.is_extend():
             qo_indptr = torch.zeros(bs + 1, dtype=torch.int64, device=self.device)
             qo_indptr[1:] = torch.cumsum(forward_batch.extend_seq_lens[:bs], dim=0)
-        self.forward_metadata = TurboQuantMetadata(kv_indptr=kv_indptr, kv_indices=kv_indices, qo_indptr=qo_indptr)
+            if forward_batch.extend_seq_lens_cpu is not None:
+                max_extend_len = max(forward_batch.extend_seq_lens_cpu[:bs], default=0)
+        self.forward_metadata = TurboQuantMetadata(
+            kv_indptr=kv_indptr, kv_indices=kv_indices, qo_indptr=qo_indptr, max_extend_len=max_extend_len
+        )
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
         # Decode graphs only: every captured batch of up to max_bs requests indexes into these fixed buffers.
@@ -139,8 +146,23 @@ class TurboQuantAttnBackend(AttentionBackend):
         if layer.logit_cap > 0 and layer.logit_capping_method != "tanh":
             raise NotImplementedError(f"unsupported logit capping {layer.logit_capping_method!r} (tanh only)")
 
+    def _ops(self, layer) -> LayerOps:
+        """This layer's kernels, chosen on its first call: the GQA group is known only from the layer."""
+        ops = self._layer_ops.get(layer.layer_id)
+        if ops is None:
+            k_quantizer, v_quantizer = self.pool.quantizers(layer.layer_id)
+            ops = self._layer_ops[layer.layer_id] = layer_ops(
+                k_quantizer.layout,
+                v_quantizer.layout,
+                group=layer.tp_q_head_num // layer.tp_k_head_num,
+                device_type=self.device.type,
+                use_triton_interpreter=self.pool.tq_config.use_triton_interpreter,
+            )
+        return ops
+
     def _write_then_attend(self, q, k, v, layer, forward_batch: ForwardBatch, save_kv_cache: bool, decode: bool):
         self._check_layer(layer)
+        ops = self._ops(layer)
         if save_kv_cache and k is not None:
             # Write first: the new tokens are then attended through exactly the records a cache hit would read.
             k = k.reshape(-1, layer.tp_k_head_num, layer.qk_head_dim)
@@ -151,11 +173,11 @@ class TurboQuantAttnBackend(AttentionBackend):
         q = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         args = (self.pool.get_key_buffer(layer.layer_id), self.pool.get_value_buffer(layer.layer_id))
         if decode:
-            out = self.ops.decode_attention(
+            out = ops.decode_attention(
                 q, *args, md.kv_indptr, md.kv_indices, k_quantizer, v_quantizer, layer.scaling, layer.logit_cap
             )
         else:
-            out = self.ops.extend_attention(
+            out = ops.extend_attention(
                 q,
                 *args,
                 md.qo_indptr,
@@ -165,6 +187,7 @@ class TurboQuantAttnBackend(AttentionBackend):
                 v_quantizer,
                 layer.scaling,
                 layer.logit_cap,
+                max_new_tokens=md.max_extend_len,
             )
         return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 

@@ -1,79 +1,108 @@
 """The one dispatch point between the torch reference and the Triton kernels for the packed-pool operations.
 
-All three implement the same signatures (tq_serve.kernels.reference is the specification):
+Both implement the same semantics (tq_serve.kernels.reference is the specification):
 
     write_kv(k_pool, v_pool, k, v, out_cache_loc, k_quantizer, v_quantizer) -> None
     decode_attention(q, k_pool, v_pool, kv_indptr, kv_indices, k_quantizer, v_quantizer, sm_scale, logit_cap)
     extend_attention(q, k_pool, v_pool, qo_indptr, kv_indptr, kv_indices, k_quantizer, v_quantizer, sm_scale,
-                     logit_cap)
+                     logit_cap, max_new_tokens=None)
 
-CPU: the torch reference (it reads only the slots a batch names). CUDA: the Triton kernels. On a CPU with
-`use_triton_interpreter`, the Triton kernels under TRITON_INTERPRET=1 (the plug-in sets the variable before the kernel
-modules are imported; Triton reads it when a kernel is decorated).
+Chosen once per layer, when the pool is built:
+- CPU: the torch reference (it reads only the slots a batch names).
+- CUDA: the Triton kernels (kernels/triton_*.py) with the launch config tuned for this GPU, head_dim, bits and GQA
+  group (tq_serve.autotune.store.lookup, which falls back to a rule with one log line); index range checks are off
+  (each is a device sync; SGLang's allocator owns the slots). A layer whose layout the kernels do not read (see
+  triton_common.unsupported_reason) uses the reference, with one log line.
+- CPU with `use_triton_interpreter`: the same Triton kernels under TRITON_INTERPRET=1 (set by register() before
+  the kernel modules load), checks on: the GPU code path, testable without a GPU.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
+from functools import partial
 
 import torch
 
 from tq_serve.kernels import reference
+from tq_serve.kernels.layout import VectorLayout
 
 logger = logging.getLogger(__name__)
 
-# Where the Triton implementation lives once it exists: a module exposing the three functions above.
-TRITON_OPS_MODULE = "tq_serve.kernels.triton_ops"
-
 
 @dataclass(frozen=True)
-class KVOps:
+class LayerOps:
+    """The packed-pool operations of one layer, launch configs bound."""
+
     name: str
     write_kv: Callable[..., None]
     decode_attention: Callable[..., torch.Tensor]
     extend_attention: Callable[..., torch.Tensor]
 
 
-REFERENCE_OPS = KVOps(
+def _reference_extend(*args, max_new_tokens: int | None = None, **kwargs) -> torch.Tensor:
+    return reference.extend_attention(*args, **kwargs)  # loops over requests on the host: needs no length hint
+
+
+REFERENCE_OPS = LayerOps(
     name="torch reference",
     write_kv=reference.write_kv,
     decode_attention=reference.decode_attention,
-    extend_attention=reference.extend_attention,
+    extend_attention=_reference_extend,
 )
 
 
-def _triton_ops() -> KVOps:
-    module = importlib.import_module(TRITON_OPS_MODULE)
-    return KVOps(
+def _tuned_config(kernel: str, k: VectorLayout, v: VectorLayout, group: int) -> dict:
+    import triton
+
+    from tq_serve.autotune.store import TuningKey, lookup
+    from tq_serve.autotune.tuner import device_name
+
+    key = TuningKey(
+        kernel=kernel,
+        gpu=device_name(),
+        triton=triton.__version__,
+        head_dim=k.head_dim,
+        k_bits=k.bits,
+        v_bits=v.bits,
+        group=1 if kernel == "write" else group,  # the write kernel has no queries
+        variant=k.variant,
+    )
+    config, _source = lookup(key)
+    return config
+
+
+def _triton_ops(k: VectorLayout, v: VectorLayout, group: int, check_indices: bool) -> LayerOps:
+    from tq_serve.kernels.triton_decode import decode_attention_triton
+    from tq_serve.kernels.triton_extend import extend_attention_triton
+    from tq_serve.kernels.triton_write import write_kv_triton
+
+    return LayerOps(
         name="triton",
-        write_kv=module.write_kv,
-        decode_attention=module.decode_attention,
-        extend_attention=module.extend_attention,
+        write_kv=partial(write_kv_triton, check_indices=check_indices, **_tuned_config("write", k, v, group)),
+        decode_attention=partial(
+            decode_attention_triton, check_indices=check_indices, **_tuned_config("decode", k, v, group)
+        ),
+        extend_attention=partial(
+            extend_attention_triton, check_indices=check_indices, **_tuned_config("extend", k, v, group)
+        ),
     )
 
 
-@cache
-def select_ops(device_type: str, use_triton_interpreter: bool = False) -> KVOps:
-    """The implementation for a pool on `device_type` ("cpu", "cuda")."""
+def layer_ops(
+    k: VectorLayout, v: VectorLayout, *, group: int, device_type: str, use_triton_interpreter: bool = False
+) -> LayerOps:
+    """The implementation for one layer of (K, V) layouts, GQA `group` query heads per KV head, on `device_type`."""
     if device_type != "cuda" and not use_triton_interpreter:
         return REFERENCE_OPS
-    try:
-        ops = _triton_ops()
-    except ImportError as err:
-        if use_triton_interpreter:
-            raise RuntimeError(
-                f"use_triton_interpreter is set but the Triton kernels ({TRITON_OPS_MODULE}) cannot be imported: {err}"
-            ) from err
-        logger.warning(
-            "TurboQuant Triton kernels (%s) unavailable (%s): using the torch reference on %s",
-            TRITON_OPS_MODULE,
-            err,
-            device_type,
+    from tq_serve.kernels.triton_common import unsupported_reason
+
+    reason = unsupported_reason(k) or unsupported_reason(v)
+    if reason is not None:
+        logger.info(
+            "TurboQuant layer with K %s bits, V %s bits: torch reference (Triton kernels: %s)", k.bits, v.bits, reason
         )
         return REFERENCE_OPS
-    logger.info("TurboQuant packed-pool operations: %s on %s", ops.name, device_type)
-    return ops
+    return _triton_ops(k, v, group, check_indices=device_type != "cuda")

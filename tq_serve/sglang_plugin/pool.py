@@ -30,7 +30,7 @@ from tq_serve.kernels.layout import KVLayout
 from tq_serve.kernels.quantizer import TurboQuantizer, get_quantizer
 
 from .config import TurboQuantConfig
-from .ops import KVOps, select_ops
+from .ops import LayerOps, layer_ops
 
 
 class TurboQuantKVPool(MHATokenToKVPool):
@@ -82,7 +82,17 @@ class TurboQuantKVPool(MHATokenToKVPool):
         self.v_quantizers: tuple[TurboQuantizer, ...] = tuple(
             get_quantizer(layout.v(i), cfg.seed, cfg.rotation, cfg.norm_correction) for i in range(layer_num)
         )
-        self.ops: KVOps = select_ops(torch.device(device).type, cfg.use_triton_interpreter)
+        device_type = torch.device(device).type
+        self.write_ops: tuple[LayerOps, ...] = tuple(
+            layer_ops(
+                kq.layout,
+                vq.layout,
+                group=1,
+                device_type=device_type,
+                use_triton_interpreter=cfg.use_triton_interpreter,
+            )
+            for kq, vq in zip(self.k_quantizers, self.v_quantizers, strict=True)
+        )
         super().__init__(size, page_size, dtype, head_num, head_dim, layer_num, device, enable_memory_saver, **kwargs)
         if self.use_hnd:
             raise NotImplementedError("TurboQuant needs the NHD slot-row layout: unset SGLANG_USE_HND_KVCACHE")
@@ -144,7 +154,7 @@ class TurboQuantKVPool(MHATokenToKVPool):
         self._check_physical_write_loc(loc_info, "set_kv_buffer (TurboQuant)")
         layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
         local = layer_id - self.start_layer
-        self.ops.write_kv(
+        self.write_ops[local].write_kv(
             self.k_buffer[local],
             self.v_buffer[local],
             cache_k,
