@@ -60,6 +60,15 @@ def test_tune_schedule_cli_writes_a_valid_schedule_and_plot(model_dir: Path, tmp
     assert yaml.safe_load(out.read_text())["layer_bits"] == [list(p) for p in loaded.layer_bits]
 
 
+def test_logits_metric_weights_layers_by_their_measured_gain(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tiny-logits.yaml"
+    argv = ["--model", str(model_dir), "--budget", "2.5", "--bits", "2", "3", "--metric", "logits"]
+    schedule = main([*argv, "--window", "48", "--max-tokens", "96", "--out", str(out), "--no-plot"])
+    assert schedule.tuning["metric"] == "logits" and len(schedule.tuning["logit_gain"]) == NUM_LAYERS
+    assert all(gain > 0 for gain in schedule.tuning["logit_gain"])
+    assert schedule.average_bits <= 2.5 and not out.with_suffix(".png").exists()
+
+
 def test_tune_schedule_refuses_a_budget_below_the_candidates(model_dir: Path) -> None:
     with pytest.raises(SystemExit):
         main(["--model", str(model_dir), "--budget", "1.5"])

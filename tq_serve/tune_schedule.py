@@ -13,7 +13,10 @@
    summed over all calibration tokens, where A is the layer's causal (GQA) softmax attention and K~k is K through
    the k-bit quantizer. The quantized attention probabilities are computed once per k_bits and reused for every
    v_bits, so a layer costs |k candidates| softmaxes and |k| x |v| value products per window.
-3. Choose per-layer bits minimising the summed error with average bits <= budget (exact knapsack,
+3. With --metric logits, weight each layer's errors by its logit gain: the KL of the final next-token distribution
+   when only that layer is quantized (at the smallest candidate bits), per unit of its relative error. A relative
+   error counts every layer alike; the gain says how much an error in this layer matters at the output.
+4. Choose per-layer bits minimising the summed error with average bits <= budget (exact knapsack,
    tq_serve.schedule.solve_budget), then write the schedule YAML and a PNG of per-layer sensitivity.
 """
 
@@ -45,6 +48,12 @@ from tq_serve.schedule_eval import DEFAULT_WINDOW, kv_transform, load_model, rou
 DEFAULT_CALIBRATION = REPO_ROOT / "configs" / "calibration" / "python_code.txt"
 
 Pair = tuple[float, float]
+METRICS = {
+    "attention": "the summed relative attention-output error (after o_proj) of the layers",
+    "logits": "the estimated KL of the final next-token distribution: each layer's relative attention-output error "
+    "times its logit gain",
+}
+METRIC_LABELS = {"attention": "relative error of attention output", "logits": "estimated logit KL (nats/token)"}
 
 
 class AttentionErrorProbe:
@@ -76,26 +85,32 @@ class AttentionErrorProbe:
     def __call__(self, module, query, key, value):
         batch, hkv, tokens, d = key.shape
         group = query.shape[1] // hkv
-        # (B, Hkv, group, T, d): query heads sharing a KV head side by side, so K/V need no repeat.
-        q = query.reshape(batch, hkv, group, tokens, d).float()
-        causal = torch.ones(tokens, tokens, dtype=torch.bool, device=q.device).tril()
+        # Query heads that share a KV head become extra rows, (B * Hkv, group * T, d): K/V are never repeated.
+        q = query.float().reshape(batch * hkv, group * tokens, d)
+        positions = torch.arange(tokens, device=q.device)
+        future = positions[None, :] > positions.repeat(group)[:, None]
+        weight = module.o_proj.weight.float().T  # the bias would cancel in the difference
 
         def probabilities(k: torch.Tensor) -> torch.Tensor:
-            scores = torch.einsum("bhgtd,bhsd->bhgts", q, k.float()) * module.scaling
-            return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+            scores = q @ k.float().reshape(batch * hkv, tokens, d).transpose(1, 2) * module.scaling
+            return scores.masked_fill(future, float("-inf")).softmax(dim=-1)
 
-        def layer_output(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            heads = torch.einsum("bhgts,bhsd->bthgd", probs, v.float()).reshape(batch, tokens, hkv * group * d)
-            return heads @ module.o_proj.weight.float().T  # the bias would cancel in the difference
+        def layer_outputs(probs: torch.Tensor, values: list[torch.Tensor]) -> torch.Tensor:
+            """o_proj(attention) for each V in values at once: (len(values), B, T, hidden)."""
+            n = len(values)
+            heads = probs @ torch.cat(values, dim=-1).float().reshape(batch * hkv, tokens, n * d)
+            heads = heads.reshape(batch, hkv, group, tokens, n, d).permute(4, 0, 3, 1, 2, 5)
+            return heads.reshape(n, batch, tokens, hkv * group * d) @ weight
 
-        exact = layer_output(probabilities(key), value)
+        exact = layer_outputs(probabilities(key), [value])
         layer = module.layer_idx
         self.squared_norm[layer] += exact.square().sum().item()
-        values = {b: roundtrip(qz, value) for b, qz in self.quantizers.items()}
+        values = [roundtrip(qz, value) for qz in self.quantizers.values()]
         for k_bits, k_quantizer in self.quantizers.items():
-            probs = probabilities(roundtrip(k_quantizer, key))
-            for v_bits, v in values.items():
-                self.squared_error[layer][k_bits, v_bits] += (layer_output(probs, v) - exact).square().sum().item()
+            outputs = layer_outputs(probabilities(roundtrip(k_quantizer, key)), values)
+            errors = (outputs - exact).square().sum(dim=(1, 2, 3)).tolist()
+            for v_bits, error in zip(self.quantizers, errors, strict=True):
+                self.squared_error[layer][k_bits, v_bits] += error
         if self.progress is not None:
             self.progress.update()
         return key, value
@@ -138,8 +153,62 @@ def measure_errors(
     return probe.relative_errors()
 
 
+class SingleLayerKV:
+    """A KVTransform that round-trips K and V of one layer only (the others attend to exact K/V)."""
+
+    def __init__(self, layer: int, quantizer):
+        self.layer, self.quantizer = layer, quantizer
+
+    def __call__(self, module, query, key, value):
+        if module.layer_idx != self.layer:
+            return key, value
+        return roundtrip(self.quantizer, key), roundtrip(self.quantizer, value)
+
+
+@torch.no_grad()
+def measure_logit_gains(
+    lm,
+    windows: Sequence[torch.Tensor],
+    errors: Sequence[dict[Pair, float]],
+    bits: float,
+    *,
+    variant: str = "mse",
+    seed: int = 0,
+    rotation: str = "qr",
+    norm_correction: bool = False,
+    show_progress: bool = True,
+) -> list[float]:
+    """Per layer: KL(exact || quantized) of the final next-token distribution, in nats per token, when only that
+    layer's K and V are quantized at `bits`, divided by the layer's relative attention error at (bits, bits).
+
+    A small error e in a layer's output moves the logits by O(e) and the KL by O(e^2), i.e. in proportion to the
+    relative squared error measured per layer; the gain is that proportion, so gain * err estimates each
+    candidate's KL and makes layers comparable where a relative error alone counts every layer alike.
+    """
+    layout = VectorLayout(head_dim=lm.config.head_dim, bits=bits, variant=variant)
+    quantizer = get_quantizer(layout, seed, rotation, norm_correction)
+    num_layers = lm.config.num_hidden_layers
+    kl = [0.0] * num_layers
+    tokens = 0
+    with tqdm(total=len(windows) * num_layers, desc="logit gains", disable=not show_progress) as bar:
+        for ids in windows:
+            with kv_transform(None):
+                exact = lm(input_ids=ids[None], use_cache=False).logits[0].float().log_softmax(-1)
+            for layer in range(num_layers):
+                with kv_transform(SingleLayerKV(layer, quantizer)):
+                    quantized = lm(input_ids=ids[None], use_cache=False).logits[0].float().log_softmax(-1)
+                kl[layer] += torch.nn.functional.kl_div(quantized, exact, log_target=True, reduction="sum").item()
+                bar.update()
+            tokens += len(ids)
+    return [kl[layer] / tokens / max(errors[layer][bits, bits], 1e-30) for layer in range(num_layers)]
+
+
 def plot_sensitivity(
-    errors: Sequence[dict[Pair, float]], schedule: BitSchedule, path: Path, uniform_bits: Sequence[float]
+    errors: Sequence[dict[Pair, float]],
+    schedule: BitSchedule,
+    path: Path,
+    uniform_bits: Sequence[float],
+    metric: str = "attention",
 ) -> Path:
     """Two panels: per-layer error at uniform bits with the chosen schedule's error marked; the chosen bits."""
     import matplotlib
@@ -155,7 +224,7 @@ def plot_sensitivity(
     chosen = [errors[i][pair] for i, pair in enumerate(schedule.layer_bits)]
     top.plot(layers, chosen, "k*", ms=10, label="chosen")
     top.set_yscale("log")
-    top.set_ylabel("relative error of attention output")
+    top.set_ylabel(METRIC_LABELS[metric], fontsize=8)
     top.set_title(f"{schedule.name}: per-layer sensitivity ({schedule.model}, budget {schedule.budget:g} bits)")
     top.legend(fontsize=7, ncol=3)
     top.grid(alpha=0.3)
@@ -178,6 +247,10 @@ def plot_sensitivity(
     return path
 
 
+def _round(x: float) -> float:
+    return float(f"{x:.6g}")
+
+
 def _display(path: Path) -> str:
     path = path.resolve()
     return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
@@ -197,6 +270,7 @@ def tune(
     norm_correction: bool = False,
     window: int = DEFAULT_WINDOW,
     max_tokens: int | None = None,
+    metric: str = "attention",
     plot: bool = True,
     show_progress: bool = True,
     command: str = "",
@@ -208,45 +282,40 @@ def tune(
     windows = token_windows(tokenizer, calib.read_text(), window, max_tokens)
     if not windows:
         raise ScheduleError(f"calibration text {calib} has fewer than 2 tokens")
-    errors = measure_errors(
-        lm,
-        windows,
-        bits,
-        variant=variant,
-        seed=seed,
-        rotation=rotation,
-        norm_correction=norm_correction,
-        show_progress=show_progress,
-    )
+    quantization = {"variant": variant, "seed": seed, "rotation": rotation, "norm_correction": norm_correction}
+    errors = measure_errors(lm, windows, bits, show_progress=show_progress, **quantization)
+    provenance: dict = {}
+    if metric == "logits":
+        gains = measure_logit_gains(lm, windows, errors, min(bits), show_progress=show_progress, **quantization)
+        errors = [{pair: gain * e for pair, e in table.items()} for table, gain in zip(errors, gains, strict=True)]
+        provenance["logit_gain"] = [float(f"{g:.4g}") for g in gains]
     layer_bits, total = solve_budget(errors, budget)
-    uniform = {f"{b:g}": round(sum(e[b, b] for e in errors), 6) for b in bits if b <= budget and b != RAW_BITS}
+    uniform = {f"{b:g}": _round(sum(e[b, b] for e in errors)) for b in bits if b <= budget and b != RAW_BITS}
     schedule = BitSchedule(
         name=name,
         model=model,
         layer_bits=layer_bits,
         variant=variant,
         budget=budget,
-        method=(
-            "tune_schedule: exact knapsack over per-layer (k_bits, v_bits) minimising the summed relative "
-            "attention-output error (after o_proj) on calibration text, average bits <= budget"
-        ),
+        method=f"tune_schedule: exact knapsack over per-layer (k_bits, v_bits) minimising {METRICS[metric]}, "
+        "measured on calibration text, with average bits <= budget",
         tuning={
             "command": command,
             "calibration": _display(calib),
             "tokens": sum(len(w) for w in windows),
             "window": window,
             "candidates": list(bits),
-            "seed": seed,
-            "rotation": rotation,
-            "norm_correction": norm_correction,
-            "total_error": round(total, 6),
+            **quantization,
+            "metric": metric,
+            **provenance,
+            "total_error": _round(total),
             "uniform_total_error": uniform,
-            "layer_error": [round(errors[i][pair], 6) for i, pair in enumerate(layer_bits)],
+            "layer_error": [_round(errors[i][pair]) for i, pair in enumerate(layer_bits)],
         },
     )
     schedule.save(out)
     if plot:
-        plot_sensitivity(errors, schedule, out.with_suffix(".png"), [b for b in bits if b != RAW_BITS])
+        plot_sensitivity(errors, schedule, out.with_suffix(".png"), [b for b in bits if b != RAW_BITS], metric)
     return schedule
 
 
@@ -266,6 +335,13 @@ def main(argv: Sequence[str] | None = None) -> BitSchedule:
     parser.add_argument("--norm-correction", action="store_true")
     parser.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="tokens per calibration window")
     parser.add_argument("--max-tokens", type=int, help="use at most this many calibration tokens")
+    parser.add_argument(
+        "--metric",
+        choices=tuple(METRICS),
+        default="attention",
+        help="attention: relative attention-output error, every layer alike; logits: weighted by each layer's "
+        "measured effect on the final logits (L more forward passes per window)",
+    )
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     args = parser.parse_args(argv)
     supported = PROD_BITS if args.variant == "prod" else SCHEDULE_BITS
@@ -288,6 +364,7 @@ def main(argv: Sequence[str] | None = None) -> BitSchedule:
         norm_correction=args.norm_correction,
         window=args.window,
         max_tokens=args.max_tokens,
+        metric=args.metric,
         plot=not args.no_plot,
         command=shlex.join(["python", "-m", "tq_serve.tune_schedule", *(sys.argv[1:] if argv is None else argv)]),
     )
