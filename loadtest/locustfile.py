@@ -36,18 +36,22 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import platform
 import random
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import gevent
+import locust
 import requests
 from locust import User, events, task
 from locust.exception import CatchResponseError, StopUser
 from loopback import is_loopback
 
+HERE = Path(__file__).resolve().parent
 DEFAULT_HOST = "http://127.0.0.1:30000"
 WORKLOADS = ("chat", "shared-prefix", "long-context", "mixed")
 MIXED_WEIGHTS = {"chat": 6, "shared-prefix": 3, "long-context": 1}
@@ -199,6 +203,15 @@ class Profile:
         )
 
 
+def _checkout_commit() -> str | None:
+    """The commit of this checkout, so that a saved summary says which code produced it (None outside git)."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
+    except OSError:
+        return None
+    return done.stdout.strip() or None
+
+
 # ---- the run: set-up, bounds, records ------------------------------------------------------------------------------
 
 
@@ -231,6 +244,7 @@ class Run:
             "run_time_s": self.options.run_time,
             **{key: getattr(self.options, key) for key in keys},
             "server": asdict(self.facts) if self.facts else None,
+            "client": {"locust": locust.__version__, "commit": _checkout_commit(), "python": platform.python_version()},
         }
 
     def take_request(self) -> bool:
