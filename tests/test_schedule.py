@@ -2,11 +2,13 @@
 
 import itertools
 import random
+from pathlib import Path
 
 import pytest
 import yaml
 from tq_serve.kernels.layout import KVLayout
 
+from tq_serve import schedule as schedule_module
 from tq_serve.schedule import SCHEDULE_BITS, SCHEDULES_DIR, BitSchedule, ScheduleError, solve_budget
 
 CANDIDATES = [(k, v) for k in (2, 2.5, 3, 4, 16) for v in (2, 3, 3.5, 4)]
@@ -90,12 +92,20 @@ def test_layer_bits_feed_kv_layout_and_average_bits() -> None:
     assert layout.bytes_per_token == 2 * (66 + 34 + 50 + 50 + 42 + 58)
 
 
-def test_load_by_name_from_configs_schedules() -> None:
-    names = sorted(p.stem for p in SCHEDULES_DIR.glob("*.yaml"))
-    if not names:
-        pytest.skip("no committed schedules yet")
-    schedule = BitSchedule.load(names[0])
-    assert schedule.name == names[0]
+def test_load_by_name_from_the_schedules_dir(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(schedule_module, "SCHEDULES_DIR", tmp_path)
+    BitSchedule.uniform(4, 2.5, name="tiny-2.5").save(tmp_path / "tiny-2.5.yaml")
+    # A name with a dot in it, with or without the suffix, and as a Path (what a CLI setting holds).
+    for name in ("tiny-2.5", "tiny-2.5.yaml", Path("tiny-2.5")):
+        assert BitSchedule.load(name, num_layers=4).layer_bits == ((2.5, 2.5),) * 4
+    with pytest.raises(ScheduleError, match=r"known: tiny-2.5\)"):
+        BitSchedule.load("tiny-3.0")
+
+
+def test_committed_schedules_load() -> None:
+    for path in SCHEDULES_DIR.glob("*.yaml"):
+        schedule = BitSchedule.load(path.stem)
+        assert schedule.name == path.stem and schedule.average_bits <= schedule.budget
 
 
 def test_uniform_helper() -> None:

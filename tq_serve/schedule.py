@@ -273,14 +273,14 @@ class BitSchedule:
 
 
 def resolve_schedule_path(path_or_name: str | Path) -> Path:
-    """An existing file as given, else configs/schedules/<name>.yaml; a ScheduleError lists the known names."""
+    """An existing file as given, else configs/schedules/<name>[.yaml]; a ScheduleError lists the known names."""
     path = Path(path_or_name)
     if path.is_file():
         return path
-    if path.parent == Path(".") and path.suffix not in (".yaml", ".yml"):
-        named = SCHEDULES_DIR / f"{path.name}.yaml"
-        if named.is_file():
-            return named
+    if path.parent == Path("."):
+        for named in (SCHEDULES_DIR / f"{path.name}.yaml", SCHEDULES_DIR / path.name):
+            if named.is_file():
+                return named
     known = ", ".join(sorted(p.stem for p in SCHEDULES_DIR.glob("*.yaml"))) or "none"
     raise ScheduleError(
         f"bit schedule {str(path_or_name)!r} is neither a file nor a schedule name in "
