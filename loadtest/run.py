@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 LOCUSTFILE = HERE / "locustfile.py"
 RESULTS = HERE / "results"
 DEFAULT_HOST = "http://127.0.0.1:30000"  # tq_serve's default --port
+WORKLOADS = ("chat", "shared-prefix", "long-context", "mixed")  # as in the locustfile, which checks them again
 
 
 def locust_command(args: argparse.Namespace, out: Path, extra: list[str]) -> list[str]:
@@ -63,12 +64,17 @@ def locust_command(args: argparse.Namespace, out: Path, extra: list[str]) -> lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python loadtest/run.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python loadtest/run.py",
+        description=__doc__.split("\n\n")[0],
+        epilog="Other flags (--prompt-tokens, --output-tokens, --api, --max-requests, ...) go to the locustfile: "
+        "see `locust -f loadtest/locustfile.py --help`.",
+    )
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"server base URL (default {DEFAULT_HOST})")
     parser.add_argument("--users", type=int, default=4, help="concurrent streaming clients")
     parser.add_argument("--spawn-rate", type=float, default=2.0, help="users started per second")
     parser.add_argument("--duration", default="60s", help="run time, e.g. 30s, 5m (locust --run-time)")
-    parser.add_argument("--workload", default="mixed", help="chat, shared-prefix, long-context or mixed")
+    parser.add_argument("--workload", default="mixed", choices=WORKLOADS, help="request profile (default: mixed)")
     parser.add_argument("--out", type=Path, help="results dir (default: loadtest/results/<time>-<workload>)")
     parser.add_argument("--label", default="", help="name of the run in summaries, e.g. tq4 or bf16")
     parser.add_argument("--api-key", default=os.environ.get("LOCUST_API_KEY", ""), help="bearer token (or env)")
