@@ -76,37 +76,51 @@ def test_no_affinity_when_prefix_chars_is_zero():
 
 
 def test_a_shared_prefix_has_one_home_ranked_first_with_the_others_behind():
-    r, candidates = router(), replicas(3)
-    homes = {choose(r, candidates, f"same sixteen chs then {i}")[0][0] for i in range(20)}
+    candidates = replicas(3)
+    homes = {choose(router(), candidates, f"same sixteen chs then {i}")[0][0] for i in range(20)}
     assert len(homes) == 1
-    ranks = choose(r, candidates, "same sixteen chs")
+    ranks = choose(router(), candidates, "same sixteen chs")
     assert len(ranks) == 2 and ranks[0] not in ranks[1] and len(ranks[1]) == 2
+
+
+def test_a_burst_counts_against_home_and_spills_past_the_imbalance():
+    # Serve counts a request only after sending it; the router counts its own choices so that a burst routed
+    # in one go does not all go home.
+    r, candidates = router(max_imbalance=4), replicas(3)
+    ranks = [choose(r, candidates, "one shared prefix for all") for _ in range(5)]
+    home = ranks[0][0]
+    assert all(rank[0] == home for rank in ranks[:4])
+    assert len(ranks[4][0]) == 2 and home[0] not in ranks[4][0] and ranks[4][1] == home
 
 
 def test_distinct_prefixes_spread_over_replicas():
     r, candidates = router(), replicas(4)
     rng = random.Random(0)
-    homes = [choose(r, candidates, f"{rng.random():.16f}")[0][0] for _ in range(400)]
+    homes = [r.home_replica(candidates, f"{rng.random():.16f}").replica_id.unique_id for _ in range(400)]
     assert all(60 < homes.count(f"r{i}") < 140 for i in range(4))
 
 
 def test_only_the_keys_of_a_removed_replica_move():
     r, candidates = router(), replicas(4)
     keys = [f"prompt number {i:04d}" for i in range(200)]
-    before = {k: choose(r, candidates, k)[0][0] for k in keys}
-    after = {k: choose(r, candidates[:3], k)[0][0] for k in keys}
+    before = {k: r.home_replica(candidates, k).replica_id.unique_id for k in keys}
+    after = {k: r.home_replica(candidates[:3], k).replica_id.unique_id for k in keys}
     assert all(after[k] == before[k] for k in keys if before[k] != "r3")
 
 
-def test_an_overloaded_home_yields_to_power_of_two():
+def test_an_overloaded_home_goes_last_behind_power_of_two_over_the_others():
     r, candidates = router(max_imbalance=4), replicas(3)
     home = choose(r, candidates, "a long shared system prompt")[0][0]
-    by_id = {c.replica_id.unique_id: c for c in candidates}
-    r.replica_queue_len_cache.update(by_id[home].replica_id, 3)
+    home_id = next(c.replica_id for c in candidates if c.replica_id.unique_id == home)
+    r.replica_queue_len_cache.update(home_id, 3)
     assert choose(r, candidates, "a long shared system prompt")[0] == [home]
-    r.replica_queue_len_cache.update(by_id[home].replica_id, 4)
+    r.replica_queue_len_cache.update(home_id, 4)
     ranks = choose(r, candidates, "a long shared system prompt")
-    assert len(ranks) == 1 and len(ranks[0]) == 2
+    assert len(ranks[0]) == 2 and home not in ranks[0] and ranks[1] == [home]
+    # Load elsewhere counts: home may run max_imbalance ahead of the least loaded replica, not of zero.
+    for c in candidates:
+        r.replica_queue_len_cache.update(c.replica_id, 4 if c.replica_id == home_id else 1)
+    assert choose(r, candidates, "a long shared system prompt")[0] == [home]
 
 
 def test_requests_without_a_prompt_use_power_of_two():

@@ -9,10 +9,11 @@ share a home; prompts that differ earlier spread evenly.
 
 Load has the last word: when the home replica holds `max_imbalance` or more requests than the least loaded one (from
 Serve's queue-length cache), or rejects the request because it is full, the request goes to the less loaded of two
-random replicas, which is Serve's default power-of-two choice.
+random other replicas, which is Serve's default power-of-two choice.
 
     choose_replicas -> [[home], [two random others]]    balanced: home first, the others if home rejects
-                    -> [[two random]]                    imbalanced, no prompt, or affinity off
+                    -> [[two random others], [home]]     home overloaded
+                    -> [[two random]]                    no prompt, one replica, or affinity off
 """
 
 from __future__ import annotations
@@ -79,8 +80,14 @@ class PrefixAffinityRouter(RequestRouter):
         if key is None or len(candidate_replicas) == 1:
             return [power_of_two(candidate_replicas)]
         home = self.home_replica(candidate_replicas, key)
+        others = [r for r in candidate_replicas if r.replica_id != home.replica_id]
         least = min(self._queue_len(r) for r in candidate_replicas)
         if self._queue_len(home) - least >= self._max_imbalance:
-            return [power_of_two(candidate_replicas)]
-        others = [r for r in candidate_replicas if r.replica_id != home.replica_id]
+            # Home goes last: Serve picks the lowest cached queue length within a rank, and a replica it has no
+            # length for yet would lose to home's known one.
+            return [power_of_two(others), [home]]
+        # Count the request against its home now: Serve updates the cache only after the request is sent, and a
+        # burst is routed in one go before that, which would send every request of it home. The replica's own count
+        # replaces this guess when it accepts or rejects the request.
+        self.replica_queue_len_cache.update(home.replica_id, self._queue_len(home) + 1)
         return [[home], power_of_two(others)]
