@@ -19,6 +19,7 @@ pytestmark = pytest.mark.sglang
 BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "models" / "tq-tiny"
 CONFIG = TurboQuantConfig(kv_bits=3)  # a lossy setting: the cached and fresh paths would differ if they disagreed
 GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
+MAX_TOKENS = 131072  # a pool of tens of MB: its size, reported in GB to 3 decimals, tells bytes per token
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 if DEVICE == "cpu":
@@ -56,22 +57,25 @@ def write_random_tiny_llama(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
+def model_path(tmp_path_factory) -> Path:
     if (BUNDLED_MODEL / "config.json").exists():
-        model = BUNDLED_MODEL
-    else:
-        model = write_random_tiny_llama(tmp_path_factory.mktemp("random-tiny-llama"))
+        return BUNDLED_MODEL
+    return write_random_tiny_llama(tmp_path_factory.mktemp("random-tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def engine(model_path):
     previous = os.environ.get(ENV_VAR)
     os.environ.update(CONFIG.to_env())  # the scheduler subprocess reads it in the plug-in's register()
     import sglang
 
     llm = sglang.Engine(
-        model_path=str(model),
+        model_path=str(model_path),
         device=DEVICE,
         attention_backend="turboquant",
         disable_cuda_graph=True,
         mem_fraction_static=0.5,
-        max_total_tokens=16384,
+        max_total_tokens=MAX_TOKENS,
         max_running_requests=32,
         random_seed=0,
         log_level="error",
@@ -129,17 +133,14 @@ def test_same_prompt_cold_and_cached_gives_identical_greedy_tokens(engine):
 
 def test_batch_sharing_a_long_prefix_hits_the_cache_and_matches_cold_runs(engine):
     prompts = [PREFIX + s for s in SUFFIXES]
-    cold = []
-    for prompt in prompts:  # each served alone, from an empty cache
-        assert engine.flush_cache().success
-        [(ids, cached, _)] = _generate(engine, [prompt])
-        assert cached == 0
-        cold.append(ids)
+    assert engine.flush_cache().success
+    cold = _generate(engine, prompts)  # the same batch from an empty cache: every prefix computed
+    assert all(cached == 0 for _, cached, _ in cold)
 
     assert engine.flush_cache().success
     [(_, _, n_prefix)] = _generate(engine, [PREFIX])  # puts the shared prefix into the radix cache
-    batch = _generate(engine, prompts)
-    for (ids, cached, _), expect in zip(batch, cold, strict=True):
+    warm = _generate(engine, prompts)
+    for (ids, cached, _), (expect, _, _) in zip(warm, cold, strict=True):
         assert cached >= n_prefix - 1
         assert ids == expect
 
@@ -160,3 +161,15 @@ def test_every_kv_slot_is_free_again_after_load(engine):
     assert engine.flush_cache().success
     [(ids, cached, _)] = _generate(engine, [PREFIX])
     assert cached == 0 and len(ids) == GREEDY["max_new_tokens"]
+
+
+def test_the_engine_serves_from_the_packed_pool(engine, model_path):
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(model_path)
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    layout = CONFIG.kv_layout(num_layers=hf.num_hidden_layers, num_kv_heads=hf.num_key_value_heads, head_dim=head_dim)
+    memory = engine.get_server_info()["internal_states"][0]["memory_usage"]
+    assert memory["token_capacity"] == MAX_TOKENS
+    bytes_per_token = memory["kvcache"] * 2**30 / (MAX_TOKENS + 1)  # + the padding slot
+    assert bytes_per_token == pytest.approx(layout.bytes_per_token, rel=0.05)  # bf16 would be 5.1x more
