@@ -66,6 +66,8 @@ def locust_command(args: argparse.Namespace, out: Path, extra: list[str]) -> lis
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python loadtest/run.py",
+        # Unknown flags pass through to locust: no prefix matching, or --api would be taken for --api-key.
+        allow_abbrev=False,
         description=__doc__.split("\n\n")[0],
         epilog="Other flags (--prompt-tokens, --output-tokens, --api, --max-requests, ...) go to the locustfile: "
         "see `locust -f loadtest/locustfile.py --help`.",

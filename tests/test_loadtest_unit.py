@@ -239,9 +239,9 @@ def fake_server(request):
 
 @pytest.mark.parametrize("fake_server", [(["ok"], "secret-key")], indirect=True)
 def test_streams_are_measured_and_the_key_is_sent(fake_server, tmp_path):
-    code, summary, output = run_loadtest(
-        tmp_path / "run", fake_server.url, "--workload", "mixed", "--api-key", "secret-key", "--output-tokens", "8"
-    )
+    # --api after --api-key: run.py must pass it to locust, not read it as an abbreviation of its own --api-key.
+    args = ["--workload", "mixed", "--api-key", "secret-key", "--output-tokens", "8", "--api", "both"]
+    code, summary, output = run_loadtest(tmp_path / "run", fake_server.url, *args)
     assert code == 0, output
     assert summary["requests"]["failed"] == 0 and summary["failures"] == {}
     assert summary["requests"]["completed"] > 0
