@@ -48,8 +48,8 @@ def estimate(shape: ModelShape, setting: KVSetting, memory_bytes: int, page_size
     }
 
 
-def measured_max_tokens(model: str, setting: KVSetting, mem_fraction: float, log_dir: Path) -> int:
-    flags = ["--model", model, "--mem-fraction-static", str(mem_fraction), *setting.flags()]
+def measured_max_tokens(model_flags: list[str], setting: KVSetting, mem_fraction: float, log_dir: Path) -> int:
+    flags = [*model_flags, "--mem-fraction-static", str(mem_fraction), *setting.flags()]
     with running_server(flags, log_dir / f"capacity-{setting.name}.log") as url:
         info = httpx.get(f"{url}/server_info", timeout=60).json()
     return _find_key(info, "max_total_num_tokens")
@@ -71,17 +71,18 @@ def _find_key(data: object, key: str):
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m tq_serve.bench capacity", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama-3.1-8b", help="alias from configs/models.yaml or a model directory")
+    parser.add_argument("--model-path", type=Path, help="local weights for the alias")
     parser.add_argument("--memory-gib", type=float, nargs="+", default=[16.0], help="KV-cache memory budgets")
     parser.add_argument("--bits", nargs="+", default=["2", "2.5", "3", "3.5", "4"])
     parser.add_argument("--variants", nargs="+", default=["mse", "prod"], choices=["mse", "prod"])
     parser.add_argument("--page-size", type=int, default=1)
     parser.add_argument("--measure", action="store_true", help="also start the server and read SGLang's capacity")
-    parser.add_argument("--mem-fraction-static", type=float, default=0.3, help="for --measure")
+    parser.add_argument("--mem-fraction-static", type=float, default=0.1, help="for --measure")
     parser.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     parser.add_argument("--out", type=Path, default=Path("bench-results/capacity.json"))
     args = parser.parse_args(argv)
     try:
-        shape = ModelRegistry.load().shape(args.model)
+        shape = ModelRegistry.load().shape(args.model, args.model_path)
         settings = kv_settings(args.bits, args.variants)
         rows = [
             {"memory_gib": gib, **estimate(shape, s, int(gib * GIB), args.page_size)}
@@ -92,9 +93,10 @@ def main(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.measure:
+        model_flags = ["--model", args.model] + (["--model-path", str(args.model_path)] if args.model_path else [])
         with tempfile.TemporaryDirectory() as logs:
             measured = {
-                s.name: measured_max_tokens(args.model, s, args.mem_fraction_static, Path(logs)) for s in settings
+                s.name: measured_max_tokens(model_flags, s, args.mem_fraction_static, Path(logs)) for s in settings
             }
         for row in rows:
             row["measured_max_tokens"] = measured[row["setting"]]
