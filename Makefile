@@ -35,7 +35,7 @@ bench: install
 	$(PY) -m tq_serve.bench distortion --head-dim 128 --bits 1 2 3 4
 
 # Locust against a running server (start one with `make serve` in another terminal). Loopback hosts only unless
-# ARGS=--allow-remote; results land in loadtest/results/.
+# LOADTEST_ARGS=--allow-remote; results land in loadtest/results/.
 HOST ?= http://127.0.0.1:30000
 USERS ?= 4
 SPAWN_RATE ?= 2
@@ -43,4 +43,4 @@ DURATION ?= 60s
 WORKLOAD ?= mixed
 loadtest: install
 	$(PY) loadtest/run.py --host $(HOST) --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) \
-		--workload $(WORKLOAD) $(ARGS)
+		--workload $(WORKLOAD) $(LOADTEST_ARGS)
