@@ -15,10 +15,11 @@ A failure is an HTTP status >= 400, a malformed SSE line or chunk, an error obje
 without [DONE], a dropped connection, a timeout, or a stream without any text; its reason names which.
 
 Workloads (--workload): `chat` short prompts; `shared-prefix` one long system prompt shared by all requests plus a
-short question (RadixAttention serves the prefix from its cache); `long-context` prompts near the model's context
-length; `mixed` picks one of those per request (weights 6:3:1). Prompts are code-like text generated from --seed:
-the same options give the same prompts. Sizes are in tokens, converted to characters with the server's own count
-(one probe request at start, max_tokens=1) and the context length from /v1/models (or --context-length).
+short question (RadixAttention serves the prefix from its cache, primed by one request per API before the test);
+`long-context` prompts near the model's context length; `mixed` picks one of those per request (weights 6:3:1).
+Prompts are code-like text generated from --seed: the same options give the same prompts. Sizes are in tokens,
+converted to characters with the server's own count (one probe request at start, max_tokens=1) and the context
+length from /v1/models (or --context-length).
 
 Bounded: locust's --run-time bounds the time, --max-requests the count, --request-timeout each request. Only
 loopback hosts are accepted unless --allow-remote is given.
@@ -232,7 +233,23 @@ class Run:
     def setup(self) -> None:
         self.facts = probe_server(self.host, self.options)
         self.profile = Profile.build(self.options, self.facts)
+        if self.options.workload in ("shared-prefix", "mixed"):
+            self.prime_prefix_cache()
         log.info("load test: %s", json.dumps(self.describe()))
+
+    def prime_prefix_cache(self) -> None:
+        """Send the shared system prompt once per API before the test, so that shared-prefix measures a warm prefix
+        cache: otherwise the first request of every user misses together, and on a slow server that is all of them."""
+        apis = ("chat", "completions") if self.options.api == "both" else (self.options.api,)
+        for api in apis:
+            body = request_body(api, self.facts.model, self.profile.system_prompt, "\n", self.options, stream=False)
+            response = requests.post(
+                self.host + APIS[api],
+                json=body | {"max_tokens": 1},
+                headers=_headers(self.options.api_key),
+                timeout=self.options.request_timeout,
+            )
+            response.raise_for_status()
 
     def describe(self) -> dict:
         keys = ("workload", "api", "prompt_tokens", "prefix_tokens", "long_prompt_tokens", "output_tokens")
@@ -381,6 +398,19 @@ def read_stream(api: str, response: requests.Response, deadline: float) -> Strea
     return stream
 
 
+def request_body(api: str, model: str, system: str, prompt: str, options, stream: bool = True) -> dict:
+    """An OpenAI request for `api`; `system` goes into a system message (chat) or before the prompt (completions)."""
+    body = {"model": model, "max_tokens": options.output_tokens, "temperature": 0, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    if options.ignore_eos:
+        body["ignore_eos"] = True
+    if api == "completions":
+        return body | {"prompt": system + prompt}
+    messages = [{"role": "system", "content": system}] if system else []
+    return body | {"messages": [*messages, {"role": "user", "content": prompt}]}
+
+
 class OpenAIUser(User):
     """One client: sends the next request of its workload as soon as the previous answer is complete."""
 
@@ -412,20 +442,7 @@ class OpenAIUser(User):
         profile = RUN.profile
         system = profile.system_prompt if workload == "shared-prefix" else ""
         chars = profile.long_prompt_chars if workload == "long-context" else profile.question_chars
-        prompt = code_text(rng, chars)
-        body = {
-            "model": RUN.facts.model,
-            "max_tokens": RUN.options.output_tokens,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        if RUN.options.ignore_eos:
-            body["ignore_eos"] = True
-        if api == "completions":
-            return body | {"prompt": system + prompt}
-        messages = [{"role": "system", "content": system}] if system else []
-        return body | {"messages": [*messages, {"role": "user", "content": prompt}]}
+        return request_body(api, RUN.facts.model, system, code_text(rng, chars), RUN.options)
 
     def send(self, api: str, workload: str, body: dict) -> None:
         fire = self.environment.events.request.fire

@@ -72,9 +72,6 @@ def test_workload_runs_without_failures(server_url, workload, tmp_path):
     command = [sys.executable, str(LOADTEST / "run.py"), "--host", server_url, "--workload", workload]
     command += ["--users", "2", "--spawn-rate", "2", "--duration", DURATION, "--out", str(out), "--label", workload]
     command += ["--api-key", API_KEY, "--stop-timeout", "120s", *SIZES]
-    if workload == "shared-prefix":
-        # Chat only: the two APIs render the system prompt differently, so alternating would halve the cache hits.
-        command += ["--api", "chat"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
@@ -90,8 +87,8 @@ def test_workload_runs_without_failures(server_url, workload, tmp_path):
     ran = set(summary["by_workload"])
     assert {f"{metric} {w}" for metric in ("TTFT", "ITL", "E2E") for w in ran} <= names
     if workload == "shared-prefix":
-        # The first request of each user misses (they start together); every later one reuses the system prompt.
-        assert summary["cached_prompt_fraction"] > 0, "the shared system prompt should come from the radix cache"
+        # The locustfile primes the cache with the system prompt, so every request reuses it (256 of ~350 tokens).
+        assert summary["cached_prompt_fraction"] > 0.5, "the shared system prompt should come from the radix cache"
     if workload == "long-context":
         context = summary["run"]["server"]["context_length"]
         assert summary["prompt_tokens_mean"] > 0.75 * context, "long-context prompts should be near the context"

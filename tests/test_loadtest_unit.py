@@ -186,7 +186,8 @@ class FakeHandler(BaseHTTPRequestHandler):
         if not self._authorized():
             return
         if not body.get("stream"):
-            usage = {"prompt_tokens": max(1, len(body["prompt"]) // 4), "completion_tokens": 1}
+            prompt = body.get("prompt") or "".join(message["content"] for message in body["messages"])
+            usage = {"prompt_tokens": max(1, len(prompt) // 4), "completion_tokens": 1}
             self._json(200, {"choices": [{"text": "x"}], "usage": usage})
             return
         behaviour = self.server.next_behaviour()
