@@ -14,7 +14,7 @@ import torch
 
 from tq_serve.sglang_plugin.config import ENV_VAR, TurboQuantConfig
 
-pytestmark = pytest.mark.sglang
+pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
 BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "models" / "tq-tiny"
 CONFIG = TurboQuantConfig(kv_bits=3)  # a lossy setting: the cached and fresh paths would differ if they disagreed
