@@ -10,7 +10,7 @@ import pytest
 
 from tq_serve.bench.harness import running_server
 
-pytestmark = pytest.mark.sglang
+pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
 API_KEY = "e2e-secret"
 
