@@ -51,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve_replicas(settings, cfg)
     print(f"tq_serve: starting {json.dumps(summary)}", file=sys.stderr, flush=True)
-    server.launch(cfg)
+    try:
+        server.launch(cfg)
+    except server.PreflightError as err:
+        print(f"tq_serve: error: {err}", file=sys.stderr)
+        return EXIT_CANNOT_START
     return 0
 
 
