@@ -101,8 +101,13 @@ def deployment(tmp_path_factory) -> Iterator[Deployment]:
         _, alive = psutil.wait_procs(descendants, timeout=30)
         assert not alive, f"left behind: {[p.pid for p in alive]}"
     finally:
+        # SIGTERM first: a SIGKILL-ed server would leave its private Ray running.
         if proc.poll() is None:
-            proc.kill()
+            proc.terminate()
+            try:
+                proc.wait(timeout=SHUTDOWN_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def _replica_of(deployment: Deployment, prompts: list[str]) -> dict[str, str]:

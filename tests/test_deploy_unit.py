@@ -11,6 +11,7 @@ from ray.serve._private.common import DeploymentHandleSource, DeploymentID, Requ
 from ray.serve.request_router import PendingRequest, ReplicaID
 
 from tq_serve.deploy import engine_flags
+from tq_serve.deploy.engine import free_loopback_port
 from tq_serve.deploy.router import PrefixAffinityRouter, prompt_prefix
 from tq_serve.registry import ModelShape, ResolvedModel
 from tq_serve.settings import ServeSettings, resolve
@@ -153,3 +154,8 @@ def resolve_stub(settings: ServeSettings, model_dir: Path):
             return model
 
     return resolve(settings.model_copy(update={"kv_schedule": None, "device": "cpu"}), Registry())
+
+
+def test_engine_ports_come_from_below_the_ephemeral_range():
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert all(10000 <= free_loopback_port() < min(22000, ephemeral_low) for _ in range(20))

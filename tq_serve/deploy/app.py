@@ -105,7 +105,7 @@ class EngineReplica:
             raise EngineError(f"engine (pid {self._engine.pid}) exited with code {code}")
 
     def __del__(self) -> None:
-        # Serve calls this on graceful shutdown; on a force-kill the engine follows through PR_SET_PDEATHSIG.
+        # Serve calls this on graceful shutdown; a force-killed replica's engine dies without it (see engine.py).
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.stop()
@@ -156,14 +156,14 @@ class Ingress:
         answer: DeploymentResponseGenerator = self._engines.forward.remote(request.method, target, body)
         try:
             head = await answer.__anext__()
-        except (ray.exceptions.RayError, EngineError, StopAsyncIteration) as err:
+        except (ray.exceptions.RayError, StopAsyncIteration) as err:
             return Response(error_body(503, f"no engine replica answered: {err}"), 503, media_type="application/json")
         headers = {REPLICA_HEADER: head["replica"]}
         if head["content_type"].startswith("text/event-stream"):
             return StreamingResponse(_relay(answer), head["status"], headers, media_type=head["content_type"])
         try:
             content = b"".join([chunk async for chunk in answer])
-        except (ray.exceptions.RayError, EngineError) as err:
+        except ray.exceptions.RayError as err:
             return Response(error_body(502, f"engine replica failed: {err}"), 502, headers, "application/json")
         return Response(content, head["status"], headers, media_type=head["content_type"])
 

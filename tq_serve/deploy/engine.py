@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import secrets
 import signal
 import socket
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -33,9 +35,21 @@ PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 15.0
 
 
-def free_loopback_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as sock:
-        return sock.getsockname()[1]
+def free_loopback_port(low: int = 10000, high: int = 21999, attempts: int = 64) -> int:
+    """A free port below the kernel's ephemeral range: the engine binds it only minutes later, and a port from
+    bind(0) would by then be handed to some other socket (SGLang's own, among others). SGLang keeps its internal
+    ports in 22000-29999 for the same reason; this range stays clear of those."""
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    for port in random.sample(range(low, min(high, ephemeral_low - 1) + 1), attempts):
+        try:
+            socket.create_server(("127.0.0.1", port)).close()
+            return port
+        except OSError:
+            continue
+    raise EngineError(f"no free port in {low}-{high} for an engine")
 
 
 def _die_with_parent_thread() -> None:
