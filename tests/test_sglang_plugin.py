@@ -129,6 +129,14 @@ def test_a_missing_hooked_name_fails_naming_the_supported_version():
     assert "MHATokenToKVPool._create_buffers" not in message  # only the missing ones are listed
 
 
+def test_a_changed_hooked_signature_fails_naming_the_supported_version():
+    from tq_serve.sglang_plugin.compat import CELL_SIZE_TARGET, IncompatibleSGLangError, check_sglang
+
+    with pytest.raises(IncompatibleSGLangError, match="sglang==0.5.23") as err:
+        check_sglang(signatures={CELL_SIZE_TARGET: ("self", "kvc", "num_layers", "page_size")})
+    assert "changed: " + CELL_SIZE_TARGET + "(self, kvc, num_layers)" in str(err.value)
+
+
 # -- capacity: SGLang's own sizing with the plug-in's hooks ---------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ version it supports.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import pkgutil
 from importlib import metadata
@@ -41,6 +42,7 @@ HOOKED_NAMES = (
     "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._get_value_buffer",
     "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool.set_kv_buffer",
     "sglang.srt.mem_cache.memory_pool.KvBufferDesc",
+    "sglang.srt.mem_cache.memory_pool.KVCache._check_physical_write_loc",
     "sglang.srt.mem_cache.memory_pool.unwrap_write_loc",
     "sglang.srt.constants.GPU_MEMORY_TYPE_KV_CACHE",
     # the attention backend
@@ -51,8 +53,15 @@ HOOKED_NAMES = (
 )
 
 
+# The wrapped functions are called with these parameters; a renamed or added parameter breaks the hook silently.
+HOOKED_SIGNATURES = {
+    POOL_CLASS_TARGET: ("self", "kind", "default"),
+    CELL_SIZE_TARGET: ("self", "kvc", "num_layers"),
+}
+
+
 class IncompatibleSGLangError(RuntimeError):
-    """The installed SGLang lacks a name the plug-in hooks."""
+    """The installed SGLang lacks, or has changed, a name the plug-in hooks."""
 
 
 def installed_sglang_version() -> str | None:
@@ -73,15 +82,31 @@ def missing_names(names: tuple[str, ...] = HOOKED_NAMES) -> list[str]:
     return missing
 
 
-def check_sglang(names: tuple[str, ...] = HOOKED_NAMES) -> None:
-    """Raise IncompatibleSGLangError naming the supported version when a hooked name is gone."""
+def changed_signatures(signatures: dict[str, tuple[str, ...]] = HOOKED_SIGNATURES) -> list[str]:
+    """'name(params)' for each resolvable hooked function whose parameters differ from what the hook expects."""
+    changed = []
+    for name, expected in signatures.items():
+        try:
+            params = tuple(inspect.signature(pkgutil.resolve_name(name)).parameters)
+        except (ImportError, AttributeError, ValueError):
+            continue  # reported as missing
+        if params != expected:
+            changed.append(f"{name}({', '.join(params)}), expected ({', '.join(expected)})")
+    return changed
+
+
+def check_sglang(
+    names: tuple[str, ...] = HOOKED_NAMES, signatures: dict[str, tuple[str, ...]] = HOOKED_SIGNATURES
+) -> None:
+    """Raise IncompatibleSGLangError naming the supported version when a hooked name is gone or changed."""
     installed = installed_sglang_version()
-    missing = missing_names(names)
-    if missing:
-        listing = "\n  ".join(missing)
+    problems = [f"missing: {name}" for name in missing_names(names)]
+    problems += [f"changed: {change}" for change in changed_signatures(signatures)]
+    if problems:
+        listing = "\n  ".join(problems)
         raise IncompatibleSGLangError(
             f"tq_serve's TurboQuant plug-in supports sglang=={SUPPORTED_SGLANG_VERSION}, but the installed sglang "
-            f"({installed or 'not installed'}) lacks {len(missing)} name(s) it hooks:\n  {listing}\n"
+            f"({installed or 'not installed'}) differs in {len(problems)} name(s) it hooks:\n  {listing}\n"
             f"Install the supported version: pip install sglang=={SUPPORTED_SGLANG_VERSION}"
         )
     if installed != SUPPORTED_SGLANG_VERSION:
