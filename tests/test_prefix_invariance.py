@@ -148,19 +148,28 @@ def test_batch_sharing_a_long_prefix_hits_the_cache_and_matches_cold_runs(engine
         assert ids == expect
 
 
-def _used_kv_tokens(engine) -> int:
-    loads = engine.loop.run_until_complete(engine.tokenizer_manager.get_loads())
-    return sum(load.num_used_tokens for load in loads)
+def _load(engine):
+    [load] = engine.loop.run_until_complete(engine.tokenizer_manager.get_loads())
+    return load
 
 
 def test_every_kv_slot_is_free_again_after_load(engine):
     """SGLang's allocator and radix cache hold slot indices only; the packed pool must not change their accounting.
     (The scheduler also checks this itself when idle and raises on a leak: the engine must still serve.)"""
+    assert engine.flush_cache().success
+    prefilled_before = _load(engine).total_prefill_uncached_tokens
     engine.generate([PREFIX + s for s in SUFFIXES], {"temperature": 0.8, "max_new_tokens": 8})
-    deadline = time.monotonic() + 60
-    while (used := _used_kv_tokens(engine)) != 0 and time.monotonic() < deadline:
-        time.sleep(1)  # the idle scheduler publishes its load snapshot
-    assert used == 0  # every slot is free or held only by the (evictable) radix cache
+    finished = time.time()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # the idle scheduler publishes a snapshot taken after the load
+        load = _load(engine)
+        if load.timestamp > finished and load.total_prefill_uncached_tokens > prefilled_before:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail("no load snapshot published after the requests finished")
+    assert load.num_running_reqs == 0
+    assert load.num_used_tokens == 0  # every slot is free or held only by the (evictable) radix cache
     assert engine.flush_cache().success
     [(ids, cached, _)] = _generate(engine, [PREFIX])
     assert cached == 0 and len(ids) == GREEDY["max_new_tokens"]
