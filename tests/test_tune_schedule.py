@@ -107,6 +107,7 @@ def test_evaluator_reference_row_and_quantized_rows(model_dir: Path) -> None:
     torch.testing.assert_close(raw, plain, rtol=0, atol=1e-2)
     rows = evaluate_schedules(lm, windows, [BitSchedule.uniform(NUM_LAYERS, 2), BitSchedule.uniform(NUM_LAYERS, 16)])
     bf16, two, sixteen = rows
-    assert bf16.label == "bf16" and bf16.agreement == 1.0 and bf16.tokens == 126
-    assert sixteen.perplexity == bf16.perplexity and sixteen.agreement == 1.0
-    assert two.perplexity != bf16.perplexity and two.bytes_per_token < bf16.bytes_per_token / 5
+    assert bf16.label == "bf16" and bf16.agreement == 1.0 and bf16.kl_to_bf16 == 0 and bf16.tokens == 126
+    assert (sixteen.perplexity, sixteen.kl_to_bf16, sixteen.agreement) == (bf16.perplexity, 0, 1.0)
+    assert two.perplexity != bf16.perplexity and two.kl_to_bf16 > 0
+    assert two.bytes_per_token < bf16.bytes_per_token / 5

@@ -11,9 +11,11 @@ Quantization in the rotated domain and attention on the dequantized vectors agre
 orthogonal (kernels/reference.py).
 
 The reference is the same model with a raw bf16 KV cache (the schedule "uniform 16"): weights and activations stay
-float32, so the figures measure the KV cache alone. Perplexity is over non-overlapping windows (window starts are
-not scored, as in tq_serve.models.train_tiny.perplexity); agreement is the fraction of scored positions whose argmax
-token equals the reference's (teacher-forced, so one divergence does not derail the rest).
+float32, so the figures measure the KV cache alone. Over non-overlapping windows (window starts are not scored, as in
+tq_serve.models.train_tiny.perplexity): perplexity; the mean KL(bf16 || quantized) of the next-token distributions,
+which is the fidelity loss itself (perplexity can move either way: on an under-trained model KV noise that flattens
+the distributions lowers it); and greedy agreement, the fraction of positions whose argmax token equals the
+reference's (teacher-forced, so one divergence does not derail the rest).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -123,31 +126,20 @@ def token_windows(
 
 @dataclass(frozen=True, kw_only=True)
 class Quality:
-    """Perplexity and greedy agreement of one KV setting over the scored positions."""
+    """How one KV setting scores over the scored positions, against the bf16 KV cache."""
 
     label: str
     average_bits: float
     bytes_per_token: int
     perplexity: float
+    kl_to_bf16: float
+    """Mean KL(bf16 || this) of the next-token distributions, nats per token: the fidelity loss itself."""
     agreement: float
+    """Fraction of positions whose argmax token equals the bf16 cache's."""
     tokens: int
 
 
 @torch.no_grad()
-def predict(
-    lm: PreTrainedModel, windows: Sequence[torch.Tensor], transform: KVTransform | None
-) -> tuple[float, torch.Tensor]:
-    """Perplexity and the argmax prediction at every scored position, with K/V through `transform`."""
-    nll, predictions = 0.0, []
-    with kv_transform(transform):
-        for ids in windows:
-            logits = lm(input_ids=ids[None], use_cache=False).logits[0, :-1].float()
-            nll += F.cross_entropy(logits, ids[1:], reduction="sum").item()
-            predictions.append(logits.argmax(-1))
-    scored = torch.cat(predictions)
-    return math.exp(nll / len(scored)), scored
-
-
 def evaluate_schedules(
     lm: PreTrainedModel,
     windows: Sequence[torch.Tensor],
@@ -156,56 +148,92 @@ def evaluate_schedules(
     seed: int = 0,
     rotation: str = "qr",
     norm_correction: bool = False,
+    show_progress: bool = False,
 ) -> list[Quality]:
-    """Quality of the bf16 KV cache (first row, the reference) and of each schedule, on the same windows."""
+    """Quality of the bf16 KV cache (first row, the reference) and of each schedule, on the same windows.
+
+    Every setting runs on a window right after the reference, so no full-text logits are ever held.
+    """
     config = lm.config
     num_layers, head_dim = config.num_hidden_layers, config.head_dim
-    bf16 = BitSchedule.uniform(num_layers, RAW_BITS, name="bf16")
-    reference = None
-    rows = []
-    for schedule in [bf16, *schedules]:
+    settings = [BitSchedule.uniform(num_layers, RAW_BITS, name="bf16"), *schedules]
+    transforms = []
+    for schedule in settings:
         schedule.check_layers(num_layers)
-        transform = QuantizedKV(
-            schedule.layer_bits,
-            head_dim=head_dim,
-            variant=schedule.variant,
-            seed=seed,
-            rotation=rotation,
-            norm_correction=norm_correction,
-        )
-        ppl, predictions = predict(lm, windows, transform)
-        reference = predictions if reference is None else reference
-        layout = schedule.kv_layout(num_kv_heads=config.num_key_value_heads, head_dim=head_dim)
-        rows.append(
-            Quality(
-                label=schedule.name,
-                average_bits=schedule.average_bits,
-                bytes_per_token=layout.bytes_per_token,
-                perplexity=ppl,
-                agreement=(predictions == reference).float().mean().item(),
-                tokens=len(predictions),
+        transforms.append(
+            QuantizedKV(
+                schedule.layer_bits,
+                head_dim=head_dim,
+                variant=schedule.variant,
+                seed=seed,
+                rotation=rotation,
+                norm_correction=norm_correction,
             )
         )
-    return rows
+    nll, kl, agree = [0.0] * len(settings), [0.0] * len(settings), [0] * len(settings)
+    with tqdm(total=len(windows) * len(settings), desc="windows x settings", disable=not show_progress) as bar:
+        for ids in windows:
+            for i, transform in enumerate(transforms):
+                with kv_transform(transform):
+                    logp = lm(input_ids=ids[None], use_cache=False).logits[0, :-1].float().log_softmax(-1)
+                if i == 0:
+                    reference, reference_argmax = logp, logp.argmax(-1)
+                nll[i] -= logp.gather(-1, ids[1:, None]).sum().item()
+                kl[i] += F.kl_div(logp, reference, log_target=True, reduction="sum").item()
+                agree[i] += (logp.argmax(-1) == reference_argmax).sum().item()
+                bar.update()
+    tokens = sum(len(ids) - 1 for ids in windows)
+    return [
+        Quality(
+            label=schedule.name,
+            average_bits=schedule.average_bits,
+            bytes_per_token=schedule.kv_layout(
+                num_kv_heads=config.num_key_value_heads, head_dim=head_dim
+            ).bytes_per_token,
+            perplexity=math.exp(nll[i] / tokens),
+            kl_to_bf16=kl[i] / tokens,
+            agreement=agree[i] / tokens,
+            tokens=tokens,
+        )
+        for i, schedule in enumerate(settings)
+    ]
 
 
 def format_table(rows: Sequence[Quality]) -> str:
+    """A Markdown table; the first row is the bf16 reference."""
     lines = [
-        "| KV cache | avg bits | bytes/token | perplexity | greedy agreement |",
-        "|---|---:|---:|---:|---:|",
+        "| KV cache | avg bits | bytes/token | perplexity | vs bf16 | KL to bf16 (nats/token) | greedy agreement |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        delta = r.perplexity / rows[0].perplexity - 1
         lines.append(
-            f"| {r.label} | {r.average_bits:.3g} | {r.bytes_per_token} | {r.perplexity:.4f} | {r.agreement:.2%} |"
+            f"| {r.label} | {r.average_bits:.3g} | {r.bytes_per_token} | {r.perplexity:.2f} | {delta:+.3%} "
+            f"| {r.kl_to_bf16:.3g} | {r.agreement:.2%} |"
         )
     return "\n".join(lines)
+
+
+def _uniform_setting(text: str) -> tuple[float, float]:
+    """`3` (K and V) or `2/4` (k_bits/v_bits), for --uniform."""
+    k, _, v = text.partition("/")
+    try:
+        return float(k), float(v or k)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BITS or K_BITS/V_BITS, got {text!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> list[Quality]:
     parser = argparse.ArgumentParser(prog="python -m tq_serve.schedule_eval", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="tq-tiny", help="alias from configs/models.yaml or a model directory")
     parser.add_argument("--schedule", nargs="*", default=[], help="schedule files or names in configs/schedules/")
-    parser.add_argument("--uniform", nargs="*", type=float, default=[], help="uniform bits to compare (K and V)")
+    parser.add_argument(
+        "--uniform",
+        nargs="*",
+        type=_uniform_setting,
+        default=[],
+        help="uniform settings to compare: BITS for K and V, or K_BITS/V_BITS",
+    )
     parser.add_argument("--variant", default="mse", help="variant of the uniform rows")
     parser.add_argument("--text", type=Path, help="evaluation text (default: heldout.txt in the model directory)")
     parser.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="tokens per scored window")
@@ -222,11 +250,18 @@ def main(argv: Sequence[str] | None = None) -> list[Quality]:
     windows = token_windows(tokenizer, text_path.read_text(), args.window)
     num_layers = lm.config.num_hidden_layers
     schedules = []
-    for bits in args.uniform:
-        schedules.append(BitSchedule.uniform(num_layers, bits, variant=args.variant, name=f"uniform {bits:g}"))
+    for k, v in args.uniform:
+        name = f"uniform {k:g}" if k == v else f"uniform K {k:g} / V {v:g}"
+        schedules.append(BitSchedule.uniform(num_layers, k, v_bits=v, variant=args.variant, name=name))
     schedules += [BitSchedule.load(name, num_layers=num_layers) for name in args.schedule]
     rows = evaluate_schedules(
-        lm, windows, schedules, seed=args.seed, rotation=args.rotation, norm_correction=args.norm_correction
+        lm,
+        windows,
+        schedules,
+        seed=args.seed,
+        rotation=args.rotation,
+        norm_correction=args.norm_correction,
+        show_progress=True,
     )
     print(f"{args.model}: {rows[0].tokens} scored tokens of {text_path.name}, windows of {args.window}")
     print(format_table(rows))
