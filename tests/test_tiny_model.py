@@ -51,6 +51,7 @@ def test_heldout_snippet_perplexity_matches_record(record: dict) -> None:
     assert len(ids) == record["snippet_tokens"]
     ppl = perplexity(model, ids, record["window"])
     assert ppl == pytest.approx(record["perplexity"], rel=0.01)
-    # The model learned something: well below an untrained model of the same shape (about the vocabulary size).
-    # The committed checkpoint is under-trained (see models/tq-tiny/README.md): 10x, not yet the 100x of a full run.
-    assert ppl < record["untrained_perplexity"] / 5
+    # The model learned something: far below an untrained model of the same shape (about the vocabulary size).
+    # The committed checkpoint is 86x below it; 50x leaves room for another interpreter's numerics, not for a
+    # checkpoint that stopped early.
+    assert ppl < record["untrained_perplexity"] / 50

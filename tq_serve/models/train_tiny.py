@@ -64,6 +64,7 @@ HELDOUT_MODULUS = 20  # 1 file in 20 is held out
 CHAT_MODULUS = 10  # 1 training file in 10 is also rendered as chat turns
 CHAT_BLOCK_LINES = 24
 SNIPPET_CHARS = 16_000  # the committed held-out snippet: about 4k tokens, so the test runs in seconds
+HELDOUT_EVAL_TOKENS = 16_384  # of the held-out files: enough for a stable number, cheap on a busy CPU
 
 SAMPLE_PROMPTS = (
     "def fibonacci(n):\n",
@@ -79,7 +80,7 @@ class TrainSettings:
     """Everything that determines the trained model; the defaults produce the committed `models/tq-tiny`."""
 
     seed: int = 0
-    vocab_size: int = 8192
+    vocab_size: int = 4096
     hidden_size: int = 256
     intermediate_size: int = 768
     num_layers: int = 8
@@ -90,10 +91,10 @@ class TrainSettings:
     rope_theta: float = 10000.0
     seq_len: int = 512
     batch_size: int = 8
-    steps: int = 400
-    lr: float = 2e-3
+    steps: int = 1400
+    lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 40
+    warmup_steps: int = 60
     weight_decay: float = 0.1
     grad_clip: float = 1.0
 
@@ -257,8 +258,16 @@ def train(
     *,
     compile_model: bool,
     max_minutes: float | None,
+    checkpoint: Path,
+    checkpoint_every: int = 20,
 ) -> dict:
-    """Train in place with AdamW under bf16 autocast; returns a log of losses and timings."""
+    """Train in place with AdamW under bf16 autocast; returns a log of losses and timings.
+
+    Every `checkpoint_every` steps the whole training state (weights, optimizer, LR schedule, batch generator) goes
+    to `checkpoint`; a later call with the same settings resumes from it and ends with the same weights as an
+    uninterrupted run. On a shared or sleeping laptop CPU a 30-minute job is often interrupted. The checkpoint is
+    also written at the last step, so a finished run is not repeated.
+    """
     params_decay = [p for p in model.parameters() if p.dim() >= 2]
     params_plain = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -267,13 +276,32 @@ def train(
         betas=(0.9, 0.95),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, settings))
-    forward = torch.compile(model) if compile_model else model
     batches = torch.Generator().manual_seed(settings.seed)
+    log: dict = {"loss": [], "steps_done": 0, "stopped_early": False, "train_seconds": 0.0, "resumed_at": []}
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        if state["settings"] != asdict(settings):
+            raise SystemExit(f"{checkpoint} was written with other settings; delete it to start afresh")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        batches.set_state(state["batches"])
+        log = state["log"]
+        log["resumed_at"].append(log["steps_done"])
+        tqdm.write(f"resuming from {checkpoint} at step {log['steps_done']}")
+    forward = torch.compile(model) if compile_model else model
     model.train()
-    log: dict = {"loss": [], "steps_done": 0, "stopped_early": False}
-    ema = None
-    start = time.monotonic()
-    bar = tqdm(range(settings.steps), desc="train tq-tiny", unit="step", dynamic_ncols=True)
+    ema = sum(log["loss"][-20:]) / len(log["loss"][-20:]) if log["loss"] else None
+    start, seconds_before = time.monotonic(), log["train_seconds"]
+    first_step_done = None
+    bar = tqdm(
+        range(log["steps_done"], settings.steps),
+        initial=log["steps_done"],
+        total=settings.steps,
+        desc="train tq-tiny",
+        unit="step",
+        dynamic_ncols=True,
+    )
     for step in bar:
         offsets = torch.randint(0, len(stream) - settings.seq_len, (settings.batch_size,), generator=batches)
         batch = torch.stack([stream[o : o + settings.seq_len] for o in offsets.tolist()]).long()
@@ -288,19 +316,30 @@ def train(
         ema = value if ema is None else 0.95 * ema + 0.05 * value
         log["loss"].append(round(value, 4))
         log["steps_done"] = step + 1
-        elapsed = time.monotonic() - start
-        if step == 0:
-            # The first step includes torch.compile; throughput is measured from the second on.
-            first_step_done, first_elapsed = time.monotonic(), elapsed
+        log["train_seconds"] = round(seconds_before + time.monotonic() - start, 1)
+        if first_step_done is None:
+            # The first step of a process includes torch.compile; throughput is measured from the second on.
+            first_step_done, first_step = time.monotonic(), step + 1
         else:
-            tokens_per_s = step * settings.batch_size * settings.seq_len / (time.monotonic() - first_step_done)
+            tokens_per_s = (step + 1 - first_step) * settings.batch_size * settings.seq_len
+            tokens_per_s /= time.monotonic() - first_step_done
             bar.set_postfix(loss=f"{ema:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}", tok_s=f"{tokens_per_s:.0f}")
-        if max_minutes is not None and elapsed > 60 * max_minutes and step + 1 < settings.steps:
+        stop = max_minutes is not None and log["train_seconds"] > 60 * max_minutes and step + 1 < settings.steps
+        if (step + 1) % checkpoint_every == 0 or step + 1 == settings.steps or stop:
+            state = {
+                "settings": asdict(settings),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "batches": batches.get_state(),
+                "log": log,
+            }
+            torch.save(state, checkpoint.with_suffix(".tmp"))
+            os.replace(checkpoint.with_suffix(".tmp"), checkpoint)  # atomic: a kill never leaves half a file
+        if stop:
             log["stopped_early"] = True
             tqdm.write(f"stopped at step {step + 1} after --max-minutes {max_minutes}: not the default schedule")
             break
-    log["train_seconds"] = round(time.monotonic() - start, 1)
-    log["first_step_seconds"] = round(first_elapsed, 1)
     return log
 
 
@@ -316,7 +355,9 @@ def greedy_samples(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, 
 
 
 def _dir_megabytes(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6
+    return (
+        sum(f.stat().st_size for f in path.iterdir() if f.is_file() and not f.name.startswith("train_checkpoint")) / 1e6
+    )
 
 
 def write_model_card(out: Path, settings: TrainSettings, results: dict) -> None:
@@ -358,7 +399,7 @@ The `.py` files of the standard library of the interpreter that runs the script 
 path; `test`/`tests`/`idle_test` directories, `encodings`, `pydoc_data` and `_sysconfigdata*` excluded. One file in
 {HELDOUT_MODULUS}, chosen by a hash of its path, is held out from both tokenizer and model training:
 {r["train_files"]} training files ({r["train_tokens"] / 1e6:.2f} M tokens with chat renderings),
-{r["heldout_files"]} held-out files ({r["heldout_tokens"] / 1e3:.0f} k tokens).
+{r["heldout_files"]} held-out files (the perplexity below is over their first {r["heldout_tokens"]} tokens).
 
 Training: {r["steps_done"]} steps of {s.batch_size} x {s.seq_len} tokens ({r["tokens_seen"] / 1e6:.2f} M tokens),
 AdamW (betas 0.9/0.95, weight decay {s.weight_decay}), peak LR {s.lr:g} with {s.warmup_steps} warm-up steps and
@@ -399,13 +440,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--max-minutes", type=float, default=None, help="stop training after this long (the result then differs)"
     )
     parser.add_argument("--no-compile", action="store_true", help="train eagerly (slower; no C++ compiler needed)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="CPU threads (default: all cores; on a CPU shared with other busy processes 1 can be faster)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     settings = TrainSettings(steps=args.steps, seed=args.seed)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     started = time.monotonic()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -419,7 +466,7 @@ def main(argv: list[str] | None = None) -> None:
 
     tokenizer = train_tokenizer(train_texts, settings.vocab_size, settings.max_position_embeddings)
     stream = training_stream(tokenizer, train_rels, train_texts, settings.seed)
-    heldout_ids = heldout_stream(tokenizer, heldout_texts)
+    heldout_ids = heldout_stream(tokenizer, heldout_texts)[:HELDOUT_EVAL_TOKENS]
     print(f"tokenizer: {len(tokenizer)} tokens; training stream {len(stream)} tokens, held out {len(heldout_ids)}")
 
     config = model_config(settings, tokenizer)
@@ -427,7 +474,11 @@ def main(argv: list[str] | None = None) -> None:
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {params / 1e6:.2f} M parameters")
     compile_model = not args.no_compile and _can_compile()
-    log = train(model, stream, settings, compile_model=compile_model, max_minutes=args.max_minutes)
+    # Kept until everything is written, so that a run killed during evaluation resumes without retraining.
+    checkpoint = out / "train_checkpoint.pt"
+    log = train(
+        model, stream, settings, compile_model=compile_model, max_minutes=args.max_minutes, checkpoint=checkpoint
+    )
 
     model.to(torch.bfloat16)
     model.generation_config = GenerationConfig(
@@ -449,8 +500,8 @@ def main(argv: list[str] | None = None) -> None:
         "parameters": params,
         "vocab_size": len(tokenizer),
         "python": platform.python_version(),
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} threads, torch {torch.__version__}"
-        + (", torch.compile" if compile_model else ", eager"),
+        "machine": f"{platform.machine()} CPU ({os.cpu_count()} cores, {args.threads} threads), "
+        f"torch {torch.__version__}, {'torch.compile' if compile_model else 'eager'}",
         "train_files": len(train_rels),
         "heldout_files": len(heldout_rels),
         "train_tokens": len(stream),
@@ -478,6 +529,7 @@ def main(argv: list[str] | None = None) -> None:
         "settings": asdict(settings),
         "steps_done": log["steps_done"],
         "stopped_early": log["stopped_early"],
+        "resumed_at_steps": log["resumed_at"],
         "train_seconds": log["train_seconds"],
         "final_loss_mean_last_20": round(sum(log["loss"][-20:]) / len(log["loss"][-20:]), 4),
     }
@@ -485,6 +537,7 @@ def main(argv: list[str] | None = None) -> None:
     results["total_seconds"] = time.monotonic() - started
     results["size_mb"] = _dir_megabytes(out)
     write_model_card(out, settings, results)
+    checkpoint.unlink()
     print(json.dumps({k: v for k, v in record.items() if k not in ("heldout_files", "settings")}, indent=2))
     for sample in results["samples"]:
         print(f"--- {sample['prompt']!r}\n{sample['prompt']}{sample['completion']}")
