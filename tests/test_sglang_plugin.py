@@ -537,7 +537,7 @@ def test_triton_interpreter_path_matches_the_reference_path(variant):
     for interpret in (False, True):
         pool, _ = make_pool(TurboQuantConfig(kv_bits=3, variant=variant, use_triton_interpreter=interpret))
         backend, req_to_token = make_backend(pool)
-        assert backend._ops(layer).name == ("triton" if interpret else "torch reference")
+        assert backend._ops(layer).name == ("triton" if interpret else "torch")
         req_to_token[0, :3], req_to_token[1, :6] = torch.tensor([5, 6, 7]), torch.arange(20, 26)
         pool.set_kv_buffer(layer, torch.tensor([20, 21]), k[:2], v[:2])
         backend.init_forward_metadata(extend)

@@ -8,11 +8,13 @@ Both implement the same semantics (tq_serve.kernels.reference is the specificati
                      logit_cap, max_new_tokens=None)
 
 Chosen once per layer, when the pool is built:
-- CPU: the torch reference (it reads only the slots a batch names).
+- CPU: torch. Writes and extend are the reference itself; decode is kernels/torch_batched.py, the reference's
+  semantics with all requests of a batch in one padded block (per-request torch calls are most of a CPU decode step).
+  Both read only the slots a batch names.
 - CUDA: the Triton kernels (kernels/triton_*.py) with the launch config tuned for this GPU, head_dim, bits and GQA
   group (tq_serve.autotune.store.lookup, which falls back to a rule with one log line); index range checks are off
   (each is a device sync; SGLang's allocator owns the slots). A layer whose layout the kernels do not read (see
-  triton_common.unsupported_reason) uses the reference, with one log line.
+  triton_common.unsupported_reason) uses the torch ops, with one log line.
 - CPU with `use_triton_interpreter`: the same Triton kernels under TRITON_INTERPRET=1 (set by register() before
   the kernel modules load), checks on: the GPU code path, testable without a GPU.
 """
@@ -26,7 +28,7 @@ from functools import partial
 
 import torch
 
-from tq_serve.kernels import reference
+from tq_serve.kernels import reference, torch_batched
 from tq_serve.kernels.layout import VectorLayout
 
 logger = logging.getLogger(__name__)
@@ -46,10 +48,10 @@ def _reference_extend(*args, max_new_tokens: int | None = None, **kwargs) -> tor
     return reference.extend_attention(*args, **kwargs)  # loops over requests on the host: needs no length hint
 
 
-REFERENCE_OPS = LayerOps(
-    name="torch reference",
+TORCH_OPS = LayerOps(
+    name="torch",
     write_kv=reference.write_kv,
-    decode_attention=reference.decode_attention,
+    decode_attention=torch_batched.decode_attention,
     extend_attention=_reference_extend,
 )
 
@@ -96,13 +98,13 @@ def layer_ops(
 ) -> LayerOps:
     """The implementation for one layer of (K, V) layouts, GQA `group` query heads per KV head, on `device_type`."""
     if device_type != "cuda" and not use_triton_interpreter:
-        return REFERENCE_OPS
+        return TORCH_OPS
     from tq_serve.kernels.triton_common import unsupported_reason
 
     reason = unsupported_reason(k) or unsupported_reason(v)
     if reason is not None:
         logger.info(
-            "TurboQuant layer with K %s bits, V %s bits: torch reference (Triton kernels: %s)", k.bits, v.bits, reason
+            "TurboQuant layer with K %s bits, V %s bits: torch ops (Triton kernels: %s)", k.bits, v.bits, reason
         )
-        return REFERENCE_OPS
+        return TORCH_OPS
     return _triton_ops(k, v, group, check_indices=device_type != "cuda")

@@ -1,0 +1,66 @@
+"""The batched CPU decode (kernels/torch_batched.py) equals the per-request reference on the same packed data."""
+
+import math
+
+import pytest
+import torch
+from tq_serve.kernels import reference, torch_batched
+from tq_serve.kernels.layout import VectorLayout
+from tq_serve.kernels.quantizer import get_quantizer
+
+
+def nan_pool(num_slots, kv_heads, qz):
+    # Slots outside the batch hold NaN norms: reading one poisons that request's output.
+    pool = torch.zeros(num_slots, kv_heads, qz.layout.bytes_per_vector, dtype=torch.uint8)
+    if not qz.layout.is_raw:
+        pool[..., qz.layout.norm_offset : qz.layout.norm_offset + 2] = torch.tensor([0xFF, 0x7F], dtype=torch.uint8)
+    else:
+        pool[:] = 0xFF
+    return pool
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "k_bits", "v_bits", "variant", "group", "cap"),
+    [(128, 4, 3, "mse", 4, 0.0), (64, 3, 2, "prod", 1, 0.0), (128, 2.5, 16, "mse", 8, 30.0), (80, 3.5, 4, "mse", 2, 0)],
+)
+@pytest.mark.parametrize("max_elements", [torch_batched.MAX_ELEMENTS, 1])
+def test_batched_decode_equals_reference(head_dim, k_bits, v_bits, variant, group, cap, max_elements):
+    gen = torch.Generator().manual_seed(3)
+    hkv, slots_total = 2, 400
+    kq = get_quantizer(VectorLayout(head_dim=head_dim, bits=k_bits, variant=variant))
+    vq = get_quantizer(VectorLayout(head_dim=head_dim, bits=v_bits, variant=variant))
+    k_pool, v_pool = nan_pool(slots_total, hkv, kq), nan_pool(slots_total, hkv, vq)
+    lens = [17, 0, 1, 150, 33, 1]  # mixed, an empty request, single-token contexts
+    slots = torch.randperm(slots_total, generator=gen)[: sum(lens)]
+    reference.write_kv(
+        k_pool,
+        v_pool,
+        torch.randn(len(slots), hkv, head_dim, generator=gen),
+        torch.randn(len(slots), hkv, head_dim, generator=gen),
+        slots,
+        kq,
+        vq,
+    )
+    kv_indptr = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    kv_indices = torch.cat([slots, torch.full((5,), slots_total - 1)])  # trailing entries past kv_indptr[-1]
+    q = torch.randn(len(lens), hkv * group, head_dim, generator=gen).to(torch.bfloat16)
+    args = (q, k_pool, v_pool, kv_indptr, kv_indices, kq, vq, 1 / math.sqrt(head_dim), cap)
+    out = torch_batched.decode_attention(*args, max_elements=max_elements)
+    expected = reference.decode_attention(*args)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert torch.isfinite(out.float()).all()
+    assert (out[1] == 0).all()  # the empty request
+    torch.testing.assert_close(out.float(), expected.float(), rtol=1e-2, atol=1e-2)  # bf16 output rounding
+    q32 = q.float()
+    out32 = torch_batched.decode_attention(q32, *args[1:], max_elements=max_elements)
+    torch.testing.assert_close(out32, reference.decode_attention(q32, *args[1:]), rtol=1e-4, atol=1e-5)
+
+
+def test_batched_decode_rejects_what_the_reference_rejects():
+    kq = get_quantizer(VectorLayout(head_dim=64, bits=4))
+    pool = nan_pool(8, 2, kq)
+    q = torch.randn(2, 4, 64)
+    with pytest.raises(IndexError, match="pool has 8 slots"):
+        torch_batched.decode_attention(q, pool, pool, torch.tensor([0, 1, 2]), torch.tensor([0, 8]), kq, kq, 0.1)
+    with pytest.raises(ValueError, match="batch \\+ 1"):
+        torch_batched.decode_attention(q, pool, pool, torch.tensor([0, 2]), torch.tensor([0, 1]), kq, kq, 0.1)
