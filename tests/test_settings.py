@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from tq_serve.registry import ModelRegistry
+from tq_serve.schedule import BitSchedule
 from tq_serve.settings import (
     CPU_DEFAULT_MAX_TOTAL_TOKENS,
     PRESETS_DIR,
@@ -125,6 +126,29 @@ def test_schedule_with_the_wrong_layer_count_names_both_counts(model_dir, tmp_pa
         ValueError, match=r"bit schedule .*s.yaml does not fit .*: layer_bits has 3 entries .* 4 layers"
     ):
         resolve(settings("--model", str(model_dir), "--kv-schedule", str(tmp_path / "s.yaml"), "--device", "cpu"))
+
+
+def test_a_tuned_schedule_file_sets_layer_bits_and_its_variant(model_dir, tmp_path):
+    schedule = BitSchedule(name="mix", model="tiny", layer_bits=((4, 3), (3, 2), (2, 2), (4, 4)), variant="prod")
+    schedule.save(tmp_path / "mix.yaml")
+    cfg = resolve(settings("--model", str(model_dir), "--kv-schedule", str(tmp_path / "mix.yaml"), "--device", "cpu"))
+    assert cfg.kv_layout.layer_bits == schedule.layer_bits
+    assert cfg.kv_layout.variant == "prod"
+
+
+def test_a_schedule_name_resolves_in_configs_schedules(model_dir, monkeypatch, tmp_path):
+    monkeypatch.setattr("tq_serve.schedule.SCHEDULES_DIR", tmp_path)
+    BitSchedule.uniform(4, 3, model="tiny", name="three").save(tmp_path / "three.yaml")
+    cfg = resolve(settings("--model", str(model_dir), "--kv-schedule", "three", "--device", "cpu"))
+    assert cfg.kv_layout.layer_bits == ((3, 3),) * 4
+    with pytest.raises(ValueError, match="neither a file nor a schedule name .*known: three"):
+        resolve(settings("--model", str(model_dir), "--kv-schedule", "four", "--device", "cpu"))
+
+
+def test_a_bad_layer_in_a_full_schedule_is_named(tmp_path):
+    (tmp_path / "s.yaml").write_text("name: s\nmodel: tiny\nlayer_bits:\n- [4, 4]\n- [4, 5]\n")
+    with pytest.raises(ValueError, match="layer 1 v_bits"):
+        load_kv_schedule(tmp_path / "s.yaml")
 
 
 def test_head_dim_the_kernels_do_not_support_is_named(tmp_path):

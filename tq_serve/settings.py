@@ -63,7 +63,8 @@ class ServeSettings(BaseSettings):
     kv_bits: Annotated[Literal[2, 2.5, 3, 3.5, 4, 16], BeforeValidator(_number)] = 4
     """Bits per K/V coordinate for every layer; 16 runs plain SGLang with a bf16 KV cache (the baseline)."""
     kv_schedule: Path | None = None
-    """YAML file with one (k_bits, v_bits) pair per layer; replaces --kv-bits."""
+    """Bit schedule: a YAML file or a name in configs/schedules/, one (k_bits, v_bits) pair per layer; replaces
+    --kv-bits (and --kv-variant, when the schedule names its variant)."""
     kv_variant: Literal["mse", "prod"] = "mse"
     """TurboQuant variant: mse (Lloyd-Max codes) or prod (one bit of QJL residual signs; unbiased dot products)."""
     seed: int = Field(0, ge=0)
@@ -145,18 +146,34 @@ def _preset_values(preset: str | None, config: Path | None) -> dict:
     return {key.replace("-", "_"): value for key, value in values.items() if key not in ("preset", "config")}
 
 
-def load_kv_schedule(path: Path) -> tuple[tuple[float, float], ...]:
-    """Per-layer (k_bits, v_bits) from YAML: a list of pairs, or a mapping whose `layer_bits` is that list.
+def read_kv_schedule(path_or_name: Path | str) -> tuple[tuple[tuple[float, float], ...], str | None]:
+    """Per-layer (k_bits, v_bits) and the variant (None: not given) of a bit schedule.
 
-    The hook for per-layer bit schedules; the full BitSchedule format extends the mapping form."""
+    `path_or_name` is a YAML file or the name of one in configs/schedules/. The file holds a plain list of
+    [k_bits, v_bits] pairs, a mapping whose `layer_bits` is that list, or a full BitSchedule (name, model,
+    variant, ...), which is validated as such: errors name the layer and the value."""
+    from tq_serve.schedule import BitSchedule, resolve_schedule_path
+
+    path = resolve_schedule_path(path_or_name)
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.safe_load(path.read_text())
     except OSError as err:
         raise ValueError(f"cannot read bit schedule {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"bit schedule {path} is not valid YAML: {err}") from None
+    if isinstance(data, dict) and "name" in data:
+        schedule = BitSchedule.from_dict(data, source=f"bit schedule {path}")
+        return schedule.layer_bits, schedule.variant
     pairs = data.get("layer_bits") if isinstance(data, dict) else data
     if not isinstance(pairs, list) or not all(isinstance(p, list | tuple) and len(p) == 2 for p in pairs):
         raise ValueError(f"bit schedule {path}: expected a list of [k_bits, v_bits] pairs, one per layer")
-    return tuple((parse_bits(k), parse_bits(v)) for k, v in pairs)
+    variant = data.get("variant") if isinstance(data, dict) else None
+    return tuple((parse_bits(k), parse_bits(v)) for k, v in pairs), variant
+
+
+def load_kv_schedule(path_or_name: Path | str) -> tuple[tuple[float, float], ...]:
+    """Per-layer (k_bits, v_bits) of a bit schedule (see read_kv_schedule)."""
+    return read_kv_schedule(path_or_name)[0]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -203,7 +220,8 @@ def resolve(settings: ServeSettings, registry: ModelRegistry | None = None) -> S
     """Check the settings against the model; a ValueError names what does not fit and the supported values."""
     model = (registry or ModelRegistry.load()).resolve(settings.model, settings.model_path)
     shape = model.shape
-    layer_bits = load_kv_schedule(settings.kv_schedule) if settings.kv_schedule else None
+    layer_bits, variant = read_kv_schedule(settings.kv_schedule) if settings.kv_schedule else (None, None)
+    variant = variant or settings.kv_variant  # a schedule that names its variant overrides --kv-variant
     layout = None
     if layer_bits is not None or settings.kv_bits != BF16_BITS:
         layer_bits = layer_bits or ((settings.kv_bits, settings.kv_bits),) * shape.num_layers
@@ -213,7 +231,7 @@ def resolve(settings: ServeSettings, registry: ModelRegistry | None = None) -> S
                 num_kv_heads=shape.num_kv_heads,
                 head_dim=shape.head_dim,
                 layer_bits=layer_bits,
-                variant=settings.kv_variant,
+                variant=variant,
             )
         except ValueError as err:
             source = f"bit schedule {settings.kv_schedule}" if settings.kv_schedule else f"--kv-bits {settings.kv_bits}"
