@@ -29,16 +29,22 @@ START_TIMEOUT_S = 900
 
 @dataclass(frozen=True, kw_only=True)
 class KVSetting:
-    """One KV-cache configuration to serve: bf16 (bits 16) or TurboQuant at `bits` with `variant`."""
+    """One KV-cache configuration to serve: bf16 (bits 16), TurboQuant at `bits` with `variant`, or a per-layer
+    bit schedule file (then `bits` is its average and the variant is the schedule's)."""
 
     bits: float
     variant: str = "mse"
+    schedule: Path | None = None
 
     @property
     def name(self) -> str:
+        if self.schedule is not None:
+            return f"schedule:{self.schedule.stem}"
         return "bf16" if self.bits == 16 else f"tq{self.bits:g}-{self.variant}"
 
     def flags(self) -> list[str]:
+        if self.schedule is not None:
+            return ["--kv-schedule", str(self.schedule)]
         return ["--kv-bits", f"{self.bits:g}"] + ([] if self.bits == 16 else ["--kv-variant", self.variant])
 
 
@@ -50,6 +56,18 @@ def kv_settings(bits: list[str], variants: list[str]) -> list[KVSetting]:
     out = [BF16]
     for b in map(parse_bits, bits):
         out += [KVSetting(bits=b, variant=v) for v in variants if b != 16 and not (v == "prod" and b != int(b))]
+    return out
+
+
+def schedule_settings(names: Sequence[str]) -> list[KVSetting]:
+    """A setting per schedule file or name in configs/schedules/ (loaded here, so a bad one fails before any server)."""
+    from tq_serve.schedule import BitSchedule, resolve_schedule_path
+
+    out = []
+    for name in names:
+        path = resolve_schedule_path(name)
+        schedule = BitSchedule.load(path)
+        out.append(KVSetting(bits=schedule.average_bits, variant=schedule.variant, schedule=path))
     return out
 
 

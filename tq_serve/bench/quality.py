@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from tq_serve.bench.harness import BF16, KVSetting, kv_settings, running_server, table, write_report
+from tq_serve.bench.harness import BF16, KVSetting, kv_settings, running_server, schedule_settings, table, write_report
 from tq_serve.registry import ModelNotFoundError, ModelRegistry
 
 
@@ -84,6 +84,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--text", type=Path, help="held-out text (default: heldout.txt in the model directory)")
     parser.add_argument("--bits", nargs="+", default=["2", "3", "4"])
     parser.add_argument("--variants", nargs="+", default=["mse", "prod"], choices=["mse", "prod"])
+    parser.add_argument(
+        "--schedules",
+        nargs="+",
+        default=[],
+        metavar="SCHEDULE",
+        help="per-layer bit schedules (files or names in configs/schedules/), compared with the uniform settings",
+    )
     parser.add_argument("--chunk-chars", type=int, default=1500, help="characters per scored chunk (whole lines)")
     parser.add_argument("--max-chunks", type=int, default=16)
     parser.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
@@ -93,7 +100,7 @@ def main(argv: list[str]) -> int:
         model = ModelRegistry.load().resolve(args.model, args.model_path)
         text_file = args.text or model.path / "heldout.txt"
         chunks = chunks_of(text_file.read_text(), args.chunk_chars, args.max_chunks)
-        settings = kv_settings(args.bits, args.variants)
+        settings = kv_settings(args.bits, args.variants) + schedule_settings(args.schedules)
     except (ModelNotFoundError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

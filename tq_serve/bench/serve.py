@@ -61,10 +61,16 @@ async def _measure(url: str, concurrency: int, requests_per_client: int, output_
     }
 
 
-def run_setting(model_flags: list[str], setting: KVSetting, args, log_dir: Path) -> list[dict]:
-    with running_server([*model_flags, *setting.flags()], log_dir / f"serve-{setting.name}.log") as url:
+def run_setting(model_flags: list[str], setting: KVSetting, args, log_dir: Path, pool_tokens: int | None) -> list[dict]:
+    pool_flags = [] if pool_tokens is None else ["--max-total-tokens", str(pool_tokens)]
+    log = log_dir / f"serve-{setting.name}-{pool_tokens}.log"
+    with running_server([*model_flags, *setting.flags(), *pool_flags], log) as url:
         return [
-            {"setting": setting.name, **asyncio.run(_measure(url, c, args.requests_per_client, args.output_tokens))}
+            {
+                "setting": setting.name,
+                "pool_tokens": pool_tokens,
+                **asyncio.run(_measure(url, c, args.requests_per_client, args.output_tokens)),
+            }
             for c in args.concurrency
         ]
 
@@ -78,6 +84,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument(
+        "--pool-tokens",
+        type=int,
+        nargs="+",
+        default=[None],
+        help="KV pool sizes (--max-total-tokens) to run TurboQuant at, e.g. 20000 400000: decode must not slow "
+        "down with the pool (default: the server's)",
+    )
     parser.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     parser.add_argument("--out", type=Path, default=Path("bench-results/serve.json"))
     args = parser.parse_args(argv)
@@ -89,7 +103,10 @@ def main(argv: list[str]) -> int:
     model_flags = ["--model", args.model] + (["--model-path", args.model_path] if args.model_path else [])
     with tempfile.TemporaryDirectory() as logs:
         try:
-            rows = [row for s in settings for row in run_setting(model_flags, s, args, Path(logs))]
+            rows = run_setting(model_flags, BF16, args, Path(logs), args.pool_tokens[0])
+            for setting in settings[1:]:
+                for pool_tokens in args.pool_tokens:
+                    rows += run_setting(model_flags, setting, args, Path(logs), pool_tokens)
         except RuntimeError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
@@ -100,6 +117,7 @@ def main(argv: list[str]) -> int:
     report = write_report(args.out, "serve", config, rows)
     columns = {
         "setting": "",
+        "pool_tokens": "d",
         "concurrency": "d",
         "output_tokens": ",d",
         "seconds": ".1f",
