@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from tq_serve.schedule import BitSchedule
 from tq_serve.schedule_eval import QuantizedKV, evaluate_schedules, kv_transform, load_model, token_windows
-from tq_serve.tune_schedule import DEFAULT_CALIBRATION, AttentionErrorProbe, main
+from tq_serve.tune_schedule import DEFAULT_CALIBRATION, AttentionErrorProbe, main, measure_layer_kl
 
 NUM_LAYERS = 2
 
@@ -67,6 +67,27 @@ def test_logits_metric_weights_layers_by_their_measured_gain(model_dir: Path, tm
     assert schedule.tuning["metric"] == "logits" and len(schedule.tuning["logit_gain"]) == NUM_LAYERS
     assert all(gain > 0 for gain in schedule.tuning["logit_gain"])
     assert schedule.average_bits <= 2.5 and not out.with_suffix(".png").exists()
+
+
+def test_kl_metric_measures_each_layer_and_pair_directly(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tiny-kl.yaml"
+    argv = ["--model", str(model_dir), "--budget", "2.5", "--bits", "2", "3", "--metric", "kl", "--no-plot"]
+    schedule = main([*argv, "--window", "48", "--max-tokens", "96", "--out", str(out)])
+    assert schedule.tuning["metric"] == "kl" and schedule.average_bits <= 2.5
+    # Layer 1's entry for (2, 3) is the KL of a model whose layer 1 alone has 2-bit K and 3-bit V (layer 0 raw).
+    lm, tokenizer, _ = load_model(str(model_dir))
+    windows = token_windows(tokenizer, DEFAULT_CALIBRATION.read_text(), 48, 96)
+    kl = measure_layer_kl(lm, windows, [2, 3], show_progress=False)
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for ids in windows:
+            exact = lm(input_ids=ids[None], use_cache=False).logits[0].log_softmax(-1)
+            with kv_transform(QuantizedKV([(16, 16), (2, 3)], head_dim=lm.config.head_dim)):
+                quantized = lm(input_ids=ids[None], use_cache=False).logits[0].log_softmax(-1)
+            total += torch.nn.functional.kl_div(quantized, exact, log_target=True, reduction="sum").item()
+            tokens += len(ids)
+    assert kl[1][2, 3] == pytest.approx(total / tokens, rel=0.05)
+    assert all(table[2, 2] > table[3, 3] > 0 for table in kl)
 
 
 def test_tune_schedule_refuses_a_budget_below_the_candidates(model_dir: Path) -> None:
