@@ -54,12 +54,41 @@ def write_scalar(out: torch.Tensor, offset: int, values: torch.Tensor, dtype: to
     out[..., offset : offset + size] = values.to(dtype).unsqueeze(-1).contiguous().view(torch.uint8)
 
 
+def plane_table(plane: Plane, values: torch.Tensor | None = None) -> torch.Tensor:
+    """(256, per_byte) float32: for each byte value, its per_byte fields in plane order, each shifted to the plane's
+    place in the code (field << plane.shift), or mapped through `values` (a codebook) when given.
+
+    Decoding a plane is then one row gather per byte, F.embedding(bytes, table) -> (..., nbytes, per_byte), instead
+    of per_byte shift/mask passes over the records and an index into the codebook (the CPU decode's main cost)."""
+    byte = torch.arange(256).unsqueeze(1)
+    fields = (byte >> (torch.arange(plane.per_byte) * plane.bits)) & ((1 << plane.bits) - 1)
+    return (fields << plane.shift).float() if values is None else values.float()[fields]
+
+
+def _plane_fields(packed: torch.Tensor, plane: Plane, table: torch.Tensor) -> torch.Tensor:
+    """Packed records (..., bytes) -> the plane's table entries in channel order (..., plane.channels) float32."""
+    raw = packed[..., plane.offset : plane.offset + plane.nbytes].long()
+    fields = torch.nn.functional.embedding(raw, table)  # (..., nbytes, per_byte)
+    return fields.transpose(-1, -2).reshape(*packed.shape[:-1], plane.channels)
+
+
+def _storage_channels(plane: Plane) -> torch.Tensor:
+    """Channel of each field in byte-major order (byte j, field k -> start + k * nbytes + j): (channels,) long."""
+    j, k = torch.meshgrid(torch.arange(plane.nbytes), torch.arange(plane.per_byte), indexing="ij")
+    return (plane.start + k * plane.nbytes + j).reshape(-1)
+
+
 @dataclass(frozen=True)
 class _DeviceTensors:
     rotation: torch.Tensor  # (d, d) R
     qjl: torch.Tensor | None  # (d, d) S, prod only
     centroids: tuple[torch.Tensor, ...]  # per segment, (2**bits,)
     boundaries: tuple[torch.Tensor, ...]  # per segment, (2**bits - 1,)
+    # Per segment, per plane: plane_table of the plane; a one-plane segment's table holds centroids, not codes.
+    plane_tables: tuple[tuple[torch.Tensor, ...], ...] = ()
+    qjl_table: torch.Tensor | None = None  # plane_table of the QJL sign plane mapping bits to -1/+1 (prod only)
+    storage_perm: torch.Tensor | None = None  # (d,) channel at each position of storage_decode's values
+    qjl_perm: torch.Tensor | None = None  # (d,) the same for its QJL signs (prod only)
 
 
 class TurboQuantizer:
@@ -74,11 +103,27 @@ class TurboQuantizer:
         self.norm_correction = norm_correction
         self.norm_dtype = getattr(torch, layout.norm_dtype)
         d = layout.head_dim
+        codebooks = tuple(centroids(d, s.bits) for s in layout.segments)
         self._cpu = _DeviceTensors(
             rotation=torch.eye(d) if layout.is_raw else rotation_matrix(d, seed, rotation),
             qjl=qjl_matrix(d, seed) if layout.variant == "prod" and not layout.is_raw else None,
-            centroids=tuple(centroids(d, s.bits) for s in layout.segments),
+            centroids=codebooks,
             boundaries=tuple(boundaries(d, s.bits) for s in layout.segments),
+            plane_tables=tuple(
+                tuple(plane_table(p, cb if len(seg.planes) == 1 else None) for p in seg.planes)
+                for seg, cb in zip(layout.segments, codebooks, strict=True)
+            ),
+            qjl_table=plane_table(self.qjl_plane, torch.tensor([-1.0, 1.0])) if layout.variant == "prod" else None,
+            storage_perm=torch.cat(
+                [
+                    _storage_channels(seg.planes[0])
+                    if len(seg.planes) == 1
+                    else torch.arange(seg.start, seg.start + seg.channels)
+                    for seg in layout.segments
+                ]
+                or [torch.arange(d)]
+            ),
+            qjl_perm=_storage_channels(self.qjl_plane) if layout.variant == "prod" else None,
         )
         self._by_device: dict[torch.device, _DeviceTensors] = {torch.device("cpu"): self._cpu}
 
@@ -96,6 +141,10 @@ class TurboQuantizer:
                 qjl=None if c.qjl is None else c.qjl.to(device),
                 centroids=tuple(t.to(device) for t in c.centroids),
                 boundaries=tuple(t.to(device) for t in c.boundaries),
+                plane_tables=tuple(tuple(t.to(device) for t in tables) for tables in c.plane_tables),
+                qjl_table=None if c.qjl_table is None else c.qjl_table.to(device),
+                storage_perm=c.storage_perm.to(device),
+                qjl_perm=None if c.qjl_perm is None else c.qjl_perm.to(device),
             )
         return self._by_device[device]
 
@@ -176,16 +225,58 @@ class TurboQuantizer:
             return packed.contiguous().view(torch.bfloat16).float(), None
         t = self.tensors(packed.device)
         norm = self.norms(packed).unsqueeze(-1)
-        values = torch.zeros(*packed.shape[:-1], lay.head_dim, dtype=torch.float32, device=packed.device)
-        codes = self.codes(packed)
-        for seg, cb in zip(lay.segments, t.centroids, strict=True):
-            values[..., seg.start : seg.start + seg.channels] = cb[codes[..., seg.start : seg.start + seg.channels]]
+        parts = []
+        for seg, cb, tables in zip(lay.segments, t.centroids, t.plane_tables, strict=True):
+            if len(seg.planes) == 1:  # the table maps bytes straight to centroids
+                parts.append(_plane_fields(packed, seg.planes[0], tables[0]))
+                continue
+            code = sum(_plane_fields(packed, plane, table) for plane, table in zip(seg.planes, tables, strict=True))
+            parts.append(torch.nn.functional.embedding(code.long(), cb.unsqueeze(1)).squeeze(-1))
+        if not parts:  # 1-bit prod: QJL signs only, no codes
+            parts = [torch.zeros(*packed.shape[:-1], lay.head_dim, dtype=torch.float32, device=packed.device)]
+        values = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         values *= norm
         if lay.variant != "prod":
             return values, None
-        signs = unpack_plane(packed, self.qjl_plane).float() * 2 - 1
+        signs = _plane_fields(packed, self.qjl_plane, t.qjl_table)
         gamma = read_scalar(packed, lay.rnorm_offset, self.norm_dtype).unsqueeze(-1)
         return values, signs * (norm * gamma * self.qjl_scale)
+
+    def storage_decode(
+        self, packed: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Packed records -> (centroids, norms, signs, qjl_coef) with the coordinates in storage order, unscaled.
+
+        centroids (..., d): c[idx] (raw layouts: the vector itself), coordinate i being rotated channel
+        tensors(device).storage_perm[i]; norms (...,) or None for raw; for prod signs (..., d) of +-1 in the order
+        qjl_perm and qjl_coef (...,) = n * gamma * qjl_scale, else None. So that, with q_s = (R q)[storage_perm],
+        <q, x~> = norms * (q_s . centroids) + qjl_coef * ((S R q)[qjl_perm] . signs).
+
+        For batched CPU attention: one row gather per byte, no transposes, and norms scale scores, not vectors."""
+        self._check_packed(packed)
+        lay = self.layout
+        if lay.is_raw:
+            return packed.contiguous().view(torch.bfloat16).float(), None, None, None
+        t = self.tensors(packed.device)
+        parts = []
+        for seg, cb, tables in zip(lay.segments, t.centroids, t.plane_tables, strict=True):
+            if len(seg.planes) == 1:
+                plane = seg.planes[0]
+                raw = packed[..., plane.offset : plane.offset + plane.nbytes].long()
+                parts.append(torch.nn.functional.embedding(raw, tables[0]).flatten(-2))
+                continue
+            code = sum(_plane_fields(packed, plane, table) for plane, table in zip(seg.planes, tables, strict=True))
+            parts.append(torch.nn.functional.embedding(code.long(), cb.unsqueeze(1)).squeeze(-1))
+        if not parts:
+            parts = [torch.zeros(*packed.shape[:-1], lay.head_dim, dtype=torch.float32, device=packed.device)]
+        values = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        norms = self.norms(packed)
+        if lay.variant != "prod":
+            return values, norms, None, None
+        raw = packed[..., lay.qjl_offset : lay.qjl_offset + lay.qjl_bytes].long()
+        signs = torch.nn.functional.embedding(raw, t.qjl_table).flatten(-2)
+        gamma = read_scalar(packed, lay.rnorm_offset, self.norm_dtype)
+        return values, norms, signs, norms * gamma * self.qjl_scale
 
     def rotate_query(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """q (..., d) -> (R q, S R q or None) in float32: done once per query, never per key."""

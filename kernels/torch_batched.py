@@ -45,19 +45,31 @@ def _attend_group(
     where = torch.where(valid, starts.unsqueeze(1) + pos.unsqueeze(0), starts.unsqueeze(1))
     slots = kv_indices[where].long()  # (b, L)
 
+    k_t, v_t = k_quantizer.tensors(q.device), v_quantizer.tensors(q.device)
     q_rot, q_qjl = k_quantizer.rotate_query(q.view(b, hkv, group, d))  # (b, Hkv, G, d)
-    k_vals, k_qjl = k_quantizer.rotated(k_pool[slots])  # (b, L, Hkv, d)
-    scores = torch.einsum("bhgd,blhd->bhgl", q_rot, k_vals)
-    if k_qjl is not None:
-        scores += torch.einsum("bhgd,blhd->bhgl", q_qjl, k_qjl)
+    # Packed coordinates stay in storage order; the query is permuted to it instead (d values, not L x d).
+    k_vals, k_norms, k_signs, k_coef = k_quantizer.storage_decode(k_pool[slots])  # (b, L, Hkv, d), (b, L, Hkv)
+    scores = torch.einsum("bhgd,blhd->bhgl", q_rot[..., k_t.storage_perm], k_vals)
+    if k_norms is not None:
+        scores *= k_norms.permute(0, 2, 1).unsqueeze(2)
+    if k_signs is not None:
+        qjl = torch.einsum("bhgd,blhd->bhgl", q_qjl[..., k_t.qjl_perm], k_signs)
+        scores += qjl * k_coef.permute(0, 2, 1).unsqueeze(2)
     scores *= sm_scale
     if logit_cap > 0:
         scores = logit_cap * torch.tanh(scores / logit_cap)
     scores = scores.masked_fill(~valid.view(b, 1, 1, width), float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    v_vals, v_qjl = v_quantizer.rotated(v_pool[slots])
-    acc = torch.einsum("bhgl,blhd->bhgd", probs, v_vals)
-    acc_qjl = None if v_qjl is None else torch.einsum("bhgl,blhd->bhgd", probs, v_qjl)
+    probs = torch.softmax(scores, dim=-1)  # (b, Hkv, G, L)
+    v_vals, v_norms, v_signs, v_coef = v_quantizer.storage_decode(v_pool[slots])
+    weights = probs if v_norms is None else probs * v_norms.permute(0, 2, 1).unsqueeze(2)
+    acc = torch.empty(b, hkv, group, d, dtype=torch.float32, device=q.device)
+    acc[..., v_t.storage_perm] = torch.einsum("bhgl,blhd->bhgd", weights, v_vals)
+    acc_qjl = None
+    if v_signs is not None:
+        acc_qjl = torch.empty_like(acc)
+        acc_qjl[..., v_t.qjl_perm] = torch.einsum(
+            "bhgl,blhd->bhgd", probs * v_coef.permute(0, 2, 1).unsqueeze(2), v_signs
+        )
     return v_quantizer.unrotate_output(acc, acc_qjl).reshape(b, hq, d)
 
 
