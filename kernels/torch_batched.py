@@ -5,6 +5,9 @@ different schedule. The reference attends request by request, so a decode step o
 dozen small torch calls per layer, and on a CPU that per-call overhead, not arithmetic, is the decode time. Here the
 requests of a batch go through each step together: their slots are gathered into one padded (B, L) block (L = the
 longest of them), unpacked once, scored with one batched matmul, masked, soft-maxed and summed with another.
+Unpacking is one table gather per packed byte (TurboQuantizer.storage_decode), leaving the coordinates in the order
+they are stored; the query is permuted to that order instead, and the norms scale the (B, L) scores and
+probabilities rather than the (B, L, d) vectors.
 
 Only the slots a batch names are read (never the pool), so the cost follows the batch's tokens, not the pool size.
 Padding costs B x L instead of the sum of lengths; requests are grouped, longest first, so that one group's padded
