@@ -46,7 +46,9 @@ def pack_plane(values: torch.Tensor, plane: Plane) -> torch.Tensor:
 def read_scalar(packed: torch.Tensor, offset: int, dtype: torch.dtype) -> torch.Tensor:
     """A little-endian scalar stored at byte `offset` of each record -> (...,) float32."""
     size = torch.finfo(dtype).bits // 8
-    return packed[..., offset : offset + size].contiguous().view(dtype).squeeze(-1).float()
+    # A fresh copy: a slice that is already contiguous (one record) keeps its odd byte offset, which view() refuses.
+    raw = packed[..., offset : offset + size].clone(memory_format=torch.contiguous_format)
+    return raw.view(dtype).squeeze(-1).float()
 
 
 def write_scalar(out: torch.Tensor, offset: int, values: torch.Tensor, dtype: torch.dtype) -> None:
