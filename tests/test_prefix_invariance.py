@@ -185,3 +185,40 @@ def test_the_engine_serves_from_the_packed_pool(engine, model_path):
     assert memory["token_capacity"] == MAX_TOKENS
     bytes_per_token = memory["kvcache"] * 2**30 / (MAX_TOKENS + 1)  # + the padding slot
     assert bytes_per_token == pytest.approx(layout.bytes_per_token, rel=0.05)  # bf16 would be 5.1x more
+
+
+INTERPRETED_ENGINE = """
+import json, sys
+from tq_serve.cpu_support import apply_cpu_support
+apply_cpu_support()
+import sglang
+llm = sglang.Engine(model_path=sys.argv[1], device="cpu", attention_backend="turboquant", disable_cuda_graph=True,
+                    mem_fraction_static=0.5, max_total_tokens=8192, random_seed=0, log_level="error")
+try:
+    out = llm.generate([sys.argv[2]], json.loads(sys.argv[3]))
+    print("OUTPUT_IDS", json.dumps(out[0]["output_ids"]))
+finally:
+    llm.shutdown()
+"""
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="compares the CPU torch path with the Triton kernels interpreted on CPU")
+def test_cpu_path_and_interpreted_triton_path_give_the_same_greedy_tokens(engine, model_path):
+    """The GPU code path (the Triton kernels, under TRITON_INTERPRET=1) serves the same tokens as the CPU path."""
+    import json
+    import subprocess
+    import sys
+
+    assert engine.flush_cache().success
+    [(expected, _, _)] = _generate(engine, [PREFIX])
+    interpreted = TurboQuantConfig(kv_bits=CONFIG.kv_bits, use_triton_interpreter=True)
+    run = subprocess.run(
+        [sys.executable, "-c", INTERPRETED_ENGINE, str(model_path), PREFIX, json.dumps(GREEDY)],
+        env={**os.environ, **interpreted.to_env()},
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    lines = [line for line in run.stdout.splitlines() if line.startswith("OUTPUT_IDS ")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    assert json.loads(lines[-1].removeprefix("OUTPUT_IDS ")) == expected
