@@ -76,6 +76,21 @@ def roundtrip(quantizer: TurboQuantizer, x: torch.Tensor) -> torch.Tensor:
     return quantizer.dequantize(quantizer.quantize(x)).to(x.dtype)
 
 
+def layer_quantizer(
+    head_dim: int,
+    bits: float,
+    *,
+    variant: str = "mse",
+    seed: int = 0,
+    rotation: str = "qr",
+    norm_correction: bool = False,
+) -> TurboQuantizer:
+    """The quantizer a layer's K or V uses at `bits`; raw (16-bit) layers take the mse variant and no norm
+    correction: a raw record is the same whatever the variant."""
+    layout = VectorLayout(head_dim=head_dim, bits=bits, variant="mse" if bits == RAW_BITS else variant)
+    return get_quantizer(layout, seed, rotation, norm_correction and bits != RAW_BITS)
+
+
 class QuantizedKV:
     """The KVTransform of a schedule: layer l's K and V through the quantizers of layer_bits[l]."""
 
@@ -89,12 +104,10 @@ class QuantizedKV:
         rotation: str = "qr",
         norm_correction: bool = False,
     ):
-        def quantizer(bits: float) -> TurboQuantizer:
-            # Raw layers take the mse variant: a raw record is the same whatever the variant.
-            layout = VectorLayout(head_dim=head_dim, bits=bits, variant="mse" if bits == RAW_BITS else variant)
-            return get_quantizer(layout, seed, rotation, norm_correction and bits != RAW_BITS)
-
-        self.quantizers = [(quantizer(k), quantizer(v)) for k, v in layer_bits]
+        options = {"variant": variant, "seed": seed, "rotation": rotation, "norm_correction": norm_correction}
+        self.quantizers = [
+            (layer_quantizer(head_dim, k, **options), layer_quantizer(head_dim, v, **options)) for k, v in layer_bits
+        ]
 
     def __call__(self, module, query, key, value):
         k_quantizer, v_quantizer = self.quantizers[module.layer_idx]

@@ -48,7 +48,14 @@ from tq_serve.schedule import (
     ScheduleError,
     solve_budget,
 )
-from tq_serve.schedule_eval import DEFAULT_WINDOW, kv_transform, load_model, roundtrip, token_windows
+from tq_serve.schedule_eval import (
+    DEFAULT_WINDOW,
+    kv_transform,
+    layer_quantizer,
+    load_model,
+    roundtrip,
+    token_windows,
+)
 
 DEFAULT_CALIBRATION = REPO_ROOT / "configs" / "calibration" / "python_code.txt"
 
@@ -83,11 +90,8 @@ class AttentionErrorProbe:
         norm_correction: bool = False,
         progress: tqdm | None = None,
     ):
-        def quantizer(b: float):
-            layout = VectorLayout(head_dim=head_dim, bits=b, variant="mse" if b == RAW_BITS else variant)
-            return get_quantizer(layout, seed, rotation, norm_correction and b != RAW_BITS)
-
-        self.quantizers = {b: quantizer(b) for b in bits}
+        options = {"variant": variant, "seed": seed, "rotation": rotation, "norm_correction": norm_correction}
+        self.quantizers = {b: layer_quantizer(head_dim, b, **options) for b in bits}
         self.squared_error = [dict.fromkeys(itertools.product(bits, bits), 0.0) for _ in range(num_layers)]
         self.squared_norm = [0.0] * num_layers
         self.progress = progress
@@ -193,12 +197,8 @@ def measure_layer_kl(
 
     Summed over layers it estimates a schedule's KL (the per-layer effects of small errors add to first order)."""
     head_dim, num_layers = lm.config.head_dim, lm.config.num_hidden_layers
-
-    def quantizer(b: float):
-        layout = VectorLayout(head_dim=head_dim, bits=b, variant="mse" if b == RAW_BITS else variant)
-        return get_quantizer(layout, seed, rotation, norm_correction and b != RAW_BITS)
-
-    quantizers = {b: quantizer(b) for b in bits}
+    options = {"variant": variant, "seed": seed, "rotation": rotation, "norm_correction": norm_correction}
+    quantizers = {b: layer_quantizer(head_dim, b, **options) for b in bits}
     pairs = [pair for pair in itertools.product(bits, bits) if pair != (RAW_BITS, RAW_BITS)]
     kl = [dict.fromkeys(itertools.product(bits, bits), 0.0) for _ in range(num_layers)]
     tokens = 0
