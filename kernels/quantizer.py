@@ -67,10 +67,13 @@ def plane_table(plane: Plane, values: torch.Tensor | None = None) -> torch.Tenso
     return (fields << plane.shift).float() if values is None else values.float()[fields]
 
 
-def _plane_fields(packed: torch.Tensor, plane: Plane, table: torch.Tensor) -> torch.Tensor:
-    """Packed records (..., bytes) -> the plane's table entries in channel order (..., plane.channels) float32."""
+def _plane_fields(packed: torch.Tensor, plane: Plane, table: torch.Tensor, channel_order: bool = True) -> torch.Tensor:
+    """Packed records (..., bytes) -> the plane's table entries (..., plane.channels), in channel order, or in
+    storage order (byte-major: see _storage_channels), which needs no transposing copy."""
     raw = packed[..., plane.offset : plane.offset + plane.nbytes].long()
     fields = torch.nn.functional.embedding(raw, table)  # (..., nbytes, per_byte)
+    if not channel_order:
+        return fields.flatten(-2)
     return fields.transpose(-1, -2).reshape(*packed.shape[:-1], plane.channels)
 
 
@@ -227,22 +230,27 @@ class TurboQuantizer:
             return packed.contiguous().view(torch.bfloat16).float(), None
         t = self.tensors(packed.device)
         norm = self.norms(packed).unsqueeze(-1)
-        parts = []
-        for seg, cb, tables in zip(lay.segments, t.centroids, t.plane_tables, strict=True):
-            if len(seg.planes) == 1:  # the table maps bytes straight to centroids
-                parts.append(_plane_fields(packed, seg.planes[0], tables[0]))
-                continue
-            code = sum(_plane_fields(packed, plane, table) for plane, table in zip(seg.planes, tables, strict=True))
-            parts.append(torch.nn.functional.embedding(code.long(), cb.unsqueeze(1)).squeeze(-1))
-        if not parts:  # 1-bit prod: QJL signs only, no codes
-            parts = [torch.zeros(*packed.shape[:-1], lay.head_dim, dtype=torch.float32, device=packed.device)]
-        values = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        values = self._centroids(packed, t, channel_order=True)
         values *= norm
         if lay.variant != "prod":
             return values, None
         signs = _plane_fields(packed, self.qjl_plane, t.qjl_table)
         gamma = read_scalar(packed, lay.rnorm_offset, self.norm_dtype).unsqueeze(-1)
         return values, signs * (norm * gamma * self.qjl_scale)
+
+    def _centroids(self, packed: torch.Tensor, t: _DeviceTensors, channel_order: bool) -> torch.Tensor:
+        """c[idx] of all segments, unscaled, (..., d) float32: in channel order, or in the order of t.storage_perm
+        (one-plane segments stay as stored; a multi-plane segment is always assembled in channel order)."""
+        parts = []
+        for seg, cb, tables in zip(self.layout.segments, t.centroids, t.plane_tables, strict=True):
+            if len(seg.planes) == 1:  # the table maps bytes straight to centroids
+                parts.append(_plane_fields(packed, seg.planes[0], tables[0], channel_order))
+                continue
+            code = sum(_plane_fields(packed, plane, table) for plane, table in zip(seg.planes, tables, strict=True))
+            parts.append(torch.nn.functional.embedding(code.long(), cb.unsqueeze(1)).squeeze(-1))
+        if not parts:  # 1-bit prod: QJL signs only, no codes
+            return torch.zeros(*packed.shape[:-1], self.layout.head_dim, dtype=torch.float32, device=packed.device)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def storage_decode(
         self, packed: torch.Tensor
@@ -254,29 +262,17 @@ class TurboQuantizer:
         qjl_perm and qjl_coef (...,) = n * gamma * qjl_scale, else None. So that, with q_s = (R q)[storage_perm],
         <q, x~> = norms * (q_s . centroids) + qjl_coef * ((S R q)[qjl_perm] . signs).
 
-        For batched CPU attention: one row gather per byte, no transposes, and norms scale scores, not vectors."""
+        For the CPU decode (torch_batched.py): a row gather per byte, no transposes; norms scale scores, not vectors."""
         self._check_packed(packed)
         lay = self.layout
         if lay.is_raw:
             return packed.contiguous().view(torch.bfloat16).float(), None, None, None
         t = self.tensors(packed.device)
-        parts = []
-        for seg, cb, tables in zip(lay.segments, t.centroids, t.plane_tables, strict=True):
-            if len(seg.planes) == 1:
-                plane = seg.planes[0]
-                raw = packed[..., plane.offset : plane.offset + plane.nbytes].long()
-                parts.append(torch.nn.functional.embedding(raw, tables[0]).flatten(-2))
-                continue
-            code = sum(_plane_fields(packed, plane, table) for plane, table in zip(seg.planes, tables, strict=True))
-            parts.append(torch.nn.functional.embedding(code.long(), cb.unsqueeze(1)).squeeze(-1))
-        if not parts:
-            parts = [torch.zeros(*packed.shape[:-1], lay.head_dim, dtype=torch.float32, device=packed.device)]
-        values = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        values = self._centroids(packed, t, channel_order=False)
         norms = self.norms(packed)
         if lay.variant != "prod":
             return values, norms, None, None
-        raw = packed[..., lay.qjl_offset : lay.qjl_offset + lay.qjl_bytes].long()
-        signs = torch.nn.functional.embedding(raw, t.qjl_table).flatten(-2)
+        signs = _plane_fields(packed, self.qjl_plane, t.qjl_table, channel_order=False)
         gamma = read_scalar(packed, lay.rnorm_offset, self.norm_dtype)
         return values, norms, signs, norms * gamma * self.qjl_scale
 

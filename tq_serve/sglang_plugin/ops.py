@@ -9,7 +9,7 @@ Both implement the same semantics (tq_serve.kernels.reference is the specificati
 
 Chosen once per layer, when the pool is built:
 - CPU: torch. Writes and extend are the reference itself; decode is kernels/torch_batched.py, the reference's
-  semantics with all requests of a batch in one padded block (per-request torch calls are most of a CPU decode step).
+  semantics with the batch's K/V unpacked together through byte tables and attention run per request (batch-invariant).
   Both read only the slots a batch names.
 - CUDA: the Triton kernels (kernels/triton_*.py) with the launch config tuned for this GPU, head_dim, bits and GQA
   group (tq_serve.autotune.store.lookup, which falls back to a rule with one log line); index range checks are off
