@@ -37,8 +37,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tq_serve.kernels.layout import RAW_BITS, VectorLayout
-from tq_serve.kernels.quantizer import get_quantizer
+from tq_serve.kernels.layout import RAW_BITS
 from tq_serve.schedule import (
     PROD_BITS,
     REPO_ROOT,
@@ -171,8 +170,8 @@ def measure_errors(
 class SingleLayerKV:
     """A KVTransform that round-trips K and V of one layer only (the others attend to exact K/V)."""
 
-    def __init__(self, layer: int, quantizer, v_quantizer=None):
-        self.layer, self.k_quantizer, self.v_quantizer = layer, quantizer, v_quantizer or quantizer
+    def __init__(self, layer: int, k_quantizer, v_quantizer):
+        self.layer, self.k_quantizer, self.v_quantizer = layer, k_quantizer, v_quantizer
 
     def __call__(self, module, query, key, value):
         if module.layer_idx != self.layer:
@@ -237,22 +236,9 @@ def measure_logit_gains(
     relative squared error measured per layer; the gain is that proportion, so gain * err estimates each
     candidate's KL and makes layers comparable where a relative error alone counts every layer alike.
     """
-    layout = VectorLayout(head_dim=lm.config.head_dim, bits=bits, variant=variant)
-    quantizer = get_quantizer(layout, seed, rotation, norm_correction)
-    num_layers = lm.config.num_hidden_layers
-    kl = [0.0] * num_layers
-    tokens = 0
-    with tqdm(total=len(windows) * num_layers, desc="logit gains", disable=not show_progress) as bar:
-        for ids in windows:
-            with kv_transform(None):
-                exact = lm(input_ids=ids[None], use_cache=False).logits[0].float().log_softmax(-1)
-            for layer in range(num_layers):
-                with kv_transform(SingleLayerKV(layer, quantizer)):
-                    quantized = lm(input_ids=ids[None], use_cache=False).logits[0].float().log_softmax(-1)
-                kl[layer] += torch.nn.functional.kl_div(quantized, exact, log_target=True, reduction="sum").item()
-                bar.update()
-            tokens += len(ids)
-    return [kl[layer] / tokens / max(errors[layer][bits, bits], 1e-30) for layer in range(num_layers)]
+    options = {"variant": variant, "seed": seed, "rotation": rotation, "norm_correction": norm_correction}
+    kl = measure_layer_kl(lm, windows, [bits], show_progress=show_progress, **options)
+    return [table[bits, bits] / max(error[bits, bits], 1e-30) for table, error in zip(kl, errors, strict=True)]
 
 
 def plot_sensitivity(
