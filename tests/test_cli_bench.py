@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tq_serve.bench import capacity
-from tq_serve.bench.harness import BF16, KVSetting, kv_settings, table, write_report
+from tq_serve.bench.harness import BF16, KVSetting, kv_settings, model_flags, table, write_report
 from tq_serve.bench.quality import chunks_of, compare
 from tq_serve.registry import ModelShape
 
@@ -60,3 +60,8 @@ def test_table_aligns_columns():
 
 def test_report_without_a_path_is_only_returned(tmp_path):
     assert write_report(None, "x", {}, [])["benchmark"] == "x"
+
+
+def test_model_flags_add_the_path_only_when_given(tmp_path):
+    assert model_flags("tq-tiny", None) == ["--model", "tq-tiny"]
+    assert model_flags("llama-3.1-8b", tmp_path) == ["--model", "llama-3.1-8b", "--model-path", str(tmp_path)]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from tq_serve.bench.harness import BF16, KVSetting, kv_settings, running_server, table, write_report
+from tq_serve.bench.harness import BF16, KVSetting, kv_settings, model_flags, running_server, table, write_report
 from tq_serve.kernels.layout import KVLayout
 from tq_serve.registry import ModelNotFoundError, ModelRegistry, ModelShape
 
@@ -48,8 +48,8 @@ def estimate(shape: ModelShape, setting: KVSetting, memory_bytes: int, page_size
     }
 
 
-def measured_max_tokens(model_flags: list[str], setting: KVSetting, mem_fraction: float, log_dir: Path) -> int:
-    flags = [*model_flags, "--mem-fraction-static", str(mem_fraction), *setting.flags()]
+def measured_max_tokens(model_args: list[str], setting: KVSetting, mem_fraction: float, log_dir: Path) -> int:
+    flags = [*model_args, "--mem-fraction-static", str(mem_fraction), *setting.flags()]
     with running_server(flags, log_dir / f"capacity-{setting.name}.log") as url:
         info = httpx.get(f"{url}/server_info", timeout=60).json()
     return _find_key(info, "max_total_num_tokens")
@@ -93,10 +93,10 @@ def main(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.measure:
-        model_flags = ["--model", args.model] + (["--model-path", str(args.model_path)] if args.model_path else [])
+        selected = model_flags(args.model, args.model_path)
         with tempfile.TemporaryDirectory() as logs:
             measured = {
-                s.name: measured_max_tokens(model_flags, s, args.mem_fraction_static, Path(logs)) for s in settings
+                s.name: measured_max_tokens(selected, s, args.mem_fraction_static, Path(logs)) for s in settings
             }
         for row in rows:
             row["measured_max_tokens"] = measured[row["setting"]]

@@ -71,6 +71,11 @@ def schedule_settings(names: Sequence[str]) -> list[KVSetting]:
     return out
 
 
+def model_flags(model: str, model_path: str | Path | None) -> list[str]:
+    """The `python -m tq_serve` flags that select a benchmark's model."""
+    return ["--model", model] + (["--model-path", str(model_path)] if model_path else [])
+
+
 def free_port() -> int:
     with socket.create_server(("127.0.0.1", 0)) as s:
         return s.getsockname()[1]

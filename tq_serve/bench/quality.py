@@ -19,7 +19,16 @@ from pathlib import Path
 
 import httpx
 
-from tq_serve.bench.harness import BF16, KVSetting, kv_settings, running_server, schedule_settings, table, write_report
+from tq_serve.bench.harness import (
+    BF16,
+    KVSetting,
+    kv_settings,
+    model_flags,
+    running_server,
+    schedule_settings,
+    table,
+    write_report,
+)
 from tq_serve.registry import ModelNotFoundError, ModelRegistry
 
 
@@ -60,8 +69,8 @@ async def _score_all(url: str, chunks: list[str]) -> list[tuple[list[float], lis
         return await asyncio.gather(*(_score(http, url, c) for c in chunks))
 
 
-def run_setting(model_flags: list[str], setting: KVSetting, chunks: list[str], log_dir: Path):
-    with running_server([*model_flags, *setting.flags()], log_dir / f"quality-{setting.name}.log") as url:
+def run_setting(model_args: list[str], setting: KVSetting, chunks: list[str], log_dir: Path):
+    with running_server([*model_args, *setting.flags()], log_dir / f"quality-{setting.name}.log") as url:
         return asyncio.run(_score_all(url, chunks))
 
 
@@ -104,10 +113,10 @@ def main(argv: list[str]) -> int:
     except (ModelNotFoundError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    model_flags = ["--model", args.model] + (["--model-path", str(args.model_path)] if args.model_path else [])
+    selected = model_flags(args.model, args.model_path)
     with tempfile.TemporaryDirectory() as logs:
         try:
-            scores = {s.name: run_setting(model_flags, s, chunks, Path(logs)) for s in settings}
+            scores = {s.name: run_setting(selected, s, chunks, Path(logs)) for s in settings}
         except RuntimeError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1

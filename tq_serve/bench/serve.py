@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from tq_serve.bench.harness import BF16, KVSetting, running_server, table, write_report
+from tq_serve.bench.harness import BF16, KVSetting, model_flags, running_server, table, write_report
 from tq_serve.kernels.layout import parse_bits
 
 PROMPT = '''def merge_sorted(left: list[int], right: list[int]) -> list[int]:
@@ -61,10 +61,10 @@ async def _measure(url: str, concurrency: int, requests_per_client: int, output_
     }
 
 
-def run_setting(model_flags: list[str], setting: KVSetting, args, log_dir: Path, pool_tokens: int | None) -> list[dict]:
+def run_setting(model_args: list[str], setting: KVSetting, args, log_dir: Path, pool_tokens: int | None) -> list[dict]:
     pool_flags = [] if pool_tokens is None else ["--max-total-tokens", str(pool_tokens)]
     log = log_dir / f"serve-{setting.name}-{pool_tokens}.log"
-    with running_server([*model_flags, *setting.flags(), *pool_flags], log) as url:
+    with running_server([*model_args, *setting.flags(), *pool_flags], log) as url:
         return [
             {
                 "setting": setting.name,
@@ -100,13 +100,13 @@ def main(argv: list[str]) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    model_flags = ["--model", args.model] + (["--model-path", args.model_path] if args.model_path else [])
+    selected = model_flags(args.model, args.model_path)
     with tempfile.TemporaryDirectory() as logs:
         try:
-            rows = run_setting(model_flags, BF16, args, Path(logs), args.pool_tokens[0])
+            rows = run_setting(selected, BF16, args, Path(logs), args.pool_tokens[0])
             for setting in settings[1:]:
                 for pool_tokens in args.pool_tokens:
-                    rows += run_setting(model_flags, setting, args, Path(logs), pool_tokens)
+                    rows += run_setting(selected, setting, args, Path(logs), pool_tokens)
         except RuntimeError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
