@@ -15,6 +15,7 @@ kernel counts boundaries strictly below the value, which is the same rule.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import cache
 
@@ -92,8 +93,7 @@ class _DeviceTensors:
     # Per segment, per plane: plane_table of the plane; a one-plane segment's table holds centroids, not codes.
     plane_tables: tuple[tuple[torch.Tensor, ...], ...] = ()
     qjl_table: torch.Tensor | None = None  # plane_table of the QJL sign plane mapping bits to -1/+1 (prod only)
-    storage_perm: torch.Tensor | None = None  # (d,) channel at each position of storage_decode's values
-    qjl_perm: torch.Tensor | None = None  # (d,) the same for its QJL signs (prod only)
+    storage_basis: torch.Tensor | None = None  # (E, d) W of storage_decode: its (..., E) rows times W give x~
 
 
 class TurboQuantizer:
@@ -119,17 +119,8 @@ class TurboQuantizer:
                 for seg, cb in zip(layout.segments, codebooks, strict=True)
             ),
             qjl_table=plane_table(self.qjl_plane, torch.tensor([-1.0, 1.0])) if layout.variant == "prod" else None,
-            storage_perm=torch.cat(
-                [
-                    _storage_channels(seg.planes[0])
-                    if len(seg.planes) == 1
-                    else torch.arange(seg.start, seg.start + seg.channels)
-                    for seg in layout.segments
-                ]
-                or [torch.arange(d)]
-            ),
-            qjl_perm=_storage_channels(self.qjl_plane) if layout.variant == "prod" else None,
         )
+        self._cpu = dataclasses.replace(self._cpu, storage_basis=self._storage_basis(self._cpu))
         self._by_device: dict[torch.device, _DeviceTensors] = {torch.device("cpu"): self._cpu}
 
     def __repr__(self) -> str:
@@ -148,8 +139,7 @@ class TurboQuantizer:
                 boundaries=tuple(t.to(device) for t in c.boundaries),
                 plane_tables=tuple(tuple(t.to(device) for t in tables) for tables in c.plane_tables),
                 qjl_table=None if c.qjl_table is None else c.qjl_table.to(device),
-                storage_perm=c.storage_perm.to(device),
-                qjl_perm=None if c.qjl_perm is None else c.qjl_perm.to(device),
+                storage_basis=c.storage_basis.to(device),
             )
         return self._by_device[device]
 
@@ -239,8 +229,9 @@ class TurboQuantizer:
         return values, signs * (norm * gamma * self.qjl_scale)
 
     def _centroids(self, packed: torch.Tensor, t: _DeviceTensors, channel_order: bool) -> torch.Tensor:
-        """c[idx] of all segments, unscaled, (..., d) float32: in channel order, or in the order of t.storage_perm
-        (one-plane segments stay as stored; a multi-plane segment is always assembled in channel order)."""
+        """c[idx] of all segments, unscaled, (..., d) float32: in channel order, or in storage order, the order of
+        t.storage_basis's first d rows (one-plane segments stay as stored; a multi-plane segment is always assembled
+        in channel order)."""
         parts = []
         for seg, cb, tables in zip(self.layout.segments, t.centroids, t.plane_tables, strict=True):
             if len(seg.planes) == 1:  # the table maps bytes straight to centroids
@@ -252,29 +243,44 @@ class TurboQuantizer:
             return torch.zeros(*packed.shape[:-1], self.layout.head_dim, dtype=torch.float32, device=packed.device)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
-    def storage_decode(
-        self, packed: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Packed records -> (centroids, norms, signs, qjl_coef) with the coordinates in storage order, unscaled.
+    def storage_decode(self, packed: torch.Tensor) -> torch.Tensor:
+        """Packed records (..., bytes) -> y (..., E) float32 in the storage basis W = tensors(device).storage_basis
+        (E, d), so that x~ = y @ W: <q, x~> = (q @ W.T) . y and sum_i p_i x~_i = (sum_i p_i y_i) @ W.
 
-        centroids (..., d): c[idx] (raw layouts: the vector itself), coordinate i being rotated channel
-        tensors(device).storage_perm[i]; norms (...,) or None for raw; for prod signs (..., d) of +-1 in the order
-        qjl_perm and qjl_coef (...,) = n * gamma * qjl_scale, else None. So that, with q_s = (R q)[storage_perm],
-        <q, x~> = norms * (q_s . centroids) + qjl_coef * ((S R q)[qjl_perm] . signs).
-
-        For the CPU decode (torch_batched.py): a row gather per byte, no transposes; norms scale scores, not vectors."""
+        mse: y = n * c[idx] with the coordinates in the order they are stored (E = d); prod: then
+        n * gamma * qjl_scale * s, the QJL signs in the order of their plane (E = 2d); raw: the vector (W = I).
+        For the CPU decode (torch_batched.py): one row gather per packed byte and no transposes; the query and the
+        output are turned into and out of this basis once per query, by one matmul each."""
         self._check_packed(packed)
         lay = self.layout
         if lay.is_raw:
-            return packed.contiguous().view(torch.bfloat16).float(), None, None, None
+            return packed.contiguous().view(torch.bfloat16).float()
         t = self.tensors(packed.device)
+        norms = self.norms(packed).unsqueeze(-1)
         values = self._centroids(packed, t, channel_order=False)
-        norms = self.norms(packed)
+        values *= norms
         if lay.variant != "prod":
-            return values, norms, None, None
+            return values
         signs = _plane_fields(packed, self.qjl_plane, t.qjl_table, channel_order=False)
-        gamma = read_scalar(packed, lay.rnorm_offset, self.norm_dtype)
-        return values, norms, signs, norms * gamma * self.qjl_scale
+        signs *= norms * read_scalar(packed, lay.rnorm_offset, self.norm_dtype).unsqueeze(-1) * self.qjl_scale
+        return torch.cat([values, signs], dim=-1)
+
+    def _storage_basis(self, t: _DeviceTensors) -> torch.Tensor:
+        """W of storage_decode, (E, d): the rows of R in storage order, then for prod the rows of S R in the order of
+        the sign plane. Raw layouts: the identity."""
+        lay = self.layout
+        if lay.is_raw:
+            return torch.eye(lay.head_dim)
+        order = [
+            _storage_channels(seg.planes[0])
+            if len(seg.planes) == 1
+            else torch.arange(seg.start, seg.start + seg.channels)
+            for seg in lay.segments
+        ]
+        basis = t.rotation[torch.cat(order)] if order else t.rotation  # 1-bit prod: its zero values need no order
+        if lay.variant == "prod":
+            basis = torch.cat([basis, (t.qjl @ t.rotation)[_storage_channels(self.qjl_plane)]])
+        return basis.contiguous()
 
     def rotate_query(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """q (..., d) -> (R q, S R q or None) in float32: done once per query, never per key."""
