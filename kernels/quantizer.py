@@ -22,7 +22,7 @@ from functools import cache
 import torch
 
 from .codebook import boundaries, centroids
-from .layout import Plane, VectorLayout
+from .layout import Plane, Segment, VectorLayout
 from .rotation import qjl_matrix, qjl_scale, rotation_matrix
 
 _TINY = 1e-30
@@ -84,6 +84,30 @@ def _storage_channels(plane: Plane) -> torch.Tensor:
     return (plane.start + k * plane.nbytes + j).reshape(-1)
 
 
+def split_plane_table(segment: Segment, codebook: torch.Tensor) -> torch.Tensor:
+    """A 3-bit segment's codes live in two planes, 2 low bits and 1 high bit, whose bytes hold different channels:
+    byte j of the low plane (n2 bytes) holds channels j + k * n2 (k = 0..3), and their high bits sit in byte
+    j % n1 of the high plane (n1 = n2 / 2 bytes) at bits j // n1 + 2k. So (high byte >> (j // n1)) & 0x55 has them
+    at bits 0, 2, 4, 6, and this (256 * 86, 4) float32 table maps low byte | that << 8 to the four centroids of
+    byte j: one row gather per low-plane byte decodes the segment, in the low plane's storage order."""
+    low, high = segment.planes
+    if (low.bits, low.shift, high.bits, high.shift) != (2, 0, 1, 2) or low.nbytes != 2 * high.nbytes:
+        raise ValueError(f"not a 3-bit segment of a 2-bit and a 1-bit plane: {segment}")
+    index = torch.arange(256 * (0x55 + 1))
+    field = torch.arange(4)
+    code = ((index.unsqueeze(1) >> 2 * field) & 3) | (((index.unsqueeze(1) >> 8 + 2 * field) & 1) << 2)
+    return codebook.float()[code]
+
+
+def _split_plane_fields(packed: torch.Tensor, segment: Segment, table: torch.Tensor) -> torch.Tensor:
+    """A 3-bit segment (see split_plane_table) -> its centroids (..., channels) in the low plane's storage order."""
+    low, high = segment.planes
+    high_bytes = packed[..., high.offset : high.offset + high.nbytes]
+    high_bits = torch.cat([high_bytes, high_bytes >> 1], dim=-1) & 0x55  # (..., low.nbytes)
+    index = packed[..., low.offset : low.offset + low.nbytes].long() | (high_bits.long() << 8)
+    return torch.nn.functional.embedding(index, table).flatten(-2)
+
+
 @dataclass(frozen=True)
 class _DeviceTensors:
     rotation: torch.Tensor  # (d, d) R
@@ -93,6 +117,7 @@ class _DeviceTensors:
     # Per segment, per plane: plane_table of the plane; a one-plane segment's table holds centroids, not codes.
     plane_tables: tuple[tuple[torch.Tensor, ...], ...] = ()
     qjl_table: torch.Tensor | None = None  # plane_table of the QJL sign plane mapping bits to -1/+1 (prod only)
+    split_tables: tuple[torch.Tensor | None, ...] = ()  # per segment: split_plane_table of a 3-bit one, else None
     storage_basis: torch.Tensor | None = None  # (E, d) W of storage_decode: its (..., E) rows times W give x~
 
 
@@ -119,6 +144,10 @@ class TurboQuantizer:
                 for seg, cb in zip(layout.segments, codebooks, strict=True)
             ),
             qjl_table=plane_table(self.qjl_plane, torch.tensor([-1.0, 1.0])) if layout.variant == "prod" else None,
+            split_tables=tuple(
+                split_plane_table(seg, cb) if len(seg.planes) == 2 else None
+                for seg, cb in zip(layout.segments, codebooks, strict=True)
+            ),
         )
         self._cpu = dataclasses.replace(self._cpu, storage_basis=self._storage_basis(self._cpu))
         self._by_device: dict[torch.device, _DeviceTensors] = {torch.device("cpu"): self._cpu}
@@ -139,6 +168,7 @@ class TurboQuantizer:
                 boundaries=tuple(t.to(device) for t in c.boundaries),
                 plane_tables=tuple(tuple(t.to(device) for t in tables) for tables in c.plane_tables),
                 qjl_table=None if c.qjl_table is None else c.qjl_table.to(device),
+                split_tables=tuple(None if t is None else t.to(device) for t in c.split_tables),
                 storage_basis=c.storage_basis.to(device),
             )
         return self._by_device[device]
@@ -230,15 +260,18 @@ class TurboQuantizer:
 
     def _centroids(self, packed: torch.Tensor, t: _DeviceTensors, channel_order: bool) -> torch.Tensor:
         """c[idx] of all segments, unscaled, (..., d) float32: in channel order, or in storage order, the order of
-        t.storage_basis's first d rows (one-plane segments stay as stored; a multi-plane segment is always assembled
-        in channel order)."""
+        t.storage_basis's first d rows (each segment as its first plane stores it)."""
         parts = []
-        for seg, cb, tables in zip(self.layout.segments, t.centroids, t.plane_tables, strict=True):
+        for seg, cb, tables, split in zip(
+            self.layout.segments, t.centroids, t.plane_tables, t.split_tables, strict=True
+        ):
             if len(seg.planes) == 1:  # the table maps bytes straight to centroids
                 parts.append(_plane_fields(packed, seg.planes[0], tables[0], channel_order))
-                continue
-            code = sum(_plane_fields(packed, plane, table) for plane, table in zip(seg.planes, tables, strict=True))
-            parts.append(torch.nn.functional.embedding(code.long(), cb.unsqueeze(1)).squeeze(-1))
+            elif not channel_order:
+                parts.append(_split_plane_fields(packed, seg, split))
+            else:
+                code = sum(_plane_fields(packed, plane, table) for plane, table in zip(seg.planes, tables, strict=True))
+                parts.append(torch.nn.functional.embedding(code.long(), cb.unsqueeze(1)).squeeze(-1))
         if not parts:  # 1-bit prod: QJL signs only, no codes
             return torch.zeros(*packed.shape[:-1], self.layout.head_dim, dtype=torch.float32, device=packed.device)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
@@ -271,12 +304,7 @@ class TurboQuantizer:
         lay = self.layout
         if lay.is_raw:
             return torch.eye(lay.head_dim)
-        order = [
-            _storage_channels(seg.planes[0])
-            if len(seg.planes) == 1
-            else torch.arange(seg.start, seg.start + seg.channels)
-            for seg in lay.segments
-        ]
+        order = [_storage_channels(seg.planes[0]) for seg in lay.segments]
         basis = t.rotation[torch.cat(order)] if order else t.rotation  # 1-bit prod: its zero values need no order
         if lay.variant == "prod":
             basis = torch.cat([basis, (t.qjl @ t.rotation)[_storage_channels(self.qjl_plane)]])

@@ -62,7 +62,18 @@ def test_raw_16_bit_layer_is_exact_bf16():
 
 
 @pytest.mark.parametrize(
-    ("bits", "variant"), [(1, "prod"), (2, "mse"), (2.5, "mse"), (3, "mse"), (4, "mse"), (3, "prod"), (16, "mse")]
+    ("bits", "variant"),
+    [
+        (1, "prod"),
+        (2, "mse"),
+        (2.5, "mse"),
+        (3, "mse"),
+        (3.5, "mse"),
+        (4, "mse"),
+        (3, "prod"),
+        (4, "prod"),
+        (16, "mse"),
+    ],
 )
 @pytest.mark.parametrize("head_dim", [64, 80])
 def test_storage_decode_times_the_storage_basis_is_the_reconstruction(bits, variant, head_dim):
