@@ -68,11 +68,20 @@ def plane_table(plane: Plane, values: torch.Tensor | None = None) -> torch.Tenso
     return (fields << plane.shift).float() if values is None else values.float()[fields]
 
 
+def _gather_rows(index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """F.embedding(index, table): (...,) -> (..., width). A float32 table of width 2 (4-bit planes) is read as one
+    float64 word per row, which gathers about 1.5x faster on a CPU than rows of two floats."""
+    if table.shape[-1] != 2 or table.dtype != torch.float32:
+        return torch.nn.functional.embedding(index, table)
+    words = table.contiguous().view(torch.float64).view(-1)
+    return words.index_select(0, index.reshape(-1)).view(torch.float32).view(*index.shape, 2)
+
+
 def _plane_fields(packed: torch.Tensor, plane: Plane, table: torch.Tensor, channel_order: bool = True) -> torch.Tensor:
     """Packed records (..., bytes) -> the plane's table entries (..., plane.channels), in channel order, or in
     storage order (byte-major: see _storage_channels), which needs no transposing copy."""
     raw = packed[..., plane.offset : plane.offset + plane.nbytes].long()
-    fields = torch.nn.functional.embedding(raw, table)  # (..., nbytes, per_byte)
+    fields = _gather_rows(raw, table)  # (..., nbytes, per_byte)
     if not channel_order:
         return fields.flatten(-2)
     return fields.transpose(-1, -2).reshape(*packed.shape[:-1], plane.channels)
