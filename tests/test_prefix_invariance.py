@@ -5,6 +5,7 @@ computed, which holds because new tokens are written to the packed pool first an
 One in-process sglang.Engine for the module (start-up takes 30 s to minutes on a shared CPU).
 """
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -17,7 +18,10 @@ from tq_serve.sglang_plugin.config import ENV_VAR, TurboQuantConfig
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
 BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "models" / "tq-tiny"
-CONFIG = TurboQuantConfig(kv_bits=3)  # a lossy setting: the cached and fresh paths would differ if they disagreed
+# A lossy setting: the cached and fresh paths would differ if they disagreed. batch_invariant_cpu: the model's own
+# oneDNN matmuls round a row differently in a 19-row and a 132-row extend, which on its own flips near-tied greedy
+# tokens between a cold and a cached prompt (seen on tq-tiny at layer 2, with the attention outputs bitwise equal).
+CONFIG = TurboQuantConfig(kv_bits=3, batch_invariant_cpu=True)
 GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
 MAX_TOKENS = 131072  # a pool of tens of MB: its size, reported in GB to 3 decimals, tells bytes per token
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -211,7 +215,7 @@ def test_cpu_path_and_interpreted_triton_path_give_the_same_greedy_tokens(engine
 
     assert engine.flush_cache().success
     [(expected, _, _)] = _generate(engine, [PREFIX])
-    interpreted = TurboQuantConfig(kv_bits=CONFIG.kv_bits, use_triton_interpreter=True)
+    interpreted = dataclasses.replace(CONFIG, use_triton_interpreter=True)
     run = subprocess.run(
         [sys.executable, "-c", INTERPRETED_ENGINE, str(model_path), PREFIX, json.dumps(GREEDY)],
         env={**os.environ, **interpreted.to_env()},

@@ -55,6 +55,7 @@ def test_config_defaults_without_the_env_var():
     cfg = TurboQuantConfig.from_env({})
     assert (cfg.kv_bits, cfg.layer_bits, cfg.variant, cfg.norm_dtype) == (4, None, "mse", "float16")
     assert (cfg.seed, cfg.rotation, cfg.norm_correction, cfg.use_triton_interpreter) == (0, "qr", False, False)
+    assert cfg.batch_invariant_cpu is False  # oneDNN stays on unless asked: the fast default
 
 
 def test_config_round_trips_through_the_env_var():

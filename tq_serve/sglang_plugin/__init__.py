@@ -42,6 +42,10 @@ def register() -> None:
     if config.use_triton_interpreter:
         # Triton reads the switch when a kernel is decorated, so it must be set before the kernel modules load.
         os.environ["TRITON_INTERPRET"] = "1"
+    if config.batch_invariant_cpu:
+        import torch
+
+        torch.backends.mkldnn.enabled = False  # see TurboQuantConfig.batch_invariant_cpu
 
     from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
     from sglang.srt.layers.attention.attention_registry import register_attention_backend

@@ -5,7 +5,8 @@ arguments. So the launcher (python -m tq_serve) writes this config as JSON into 
 starts, every process inherits it, and `TurboQuantConfig.from_env()` is the only place that reads it:
 
     TQ_SGLANG_CONFIG='{"kv_bits": 4, "layer_bits": null, "variant": "mse", "norm_dtype": "float16", "seed": 0,
-                       "rotation": "qr", "norm_correction": false, "use_triton_interpreter": false}'
+                       "rotation": "qr", "norm_correction": false, "use_triton_interpreter": false,
+                       "batch_invariant_cpu": false}'
 
 A missing variable means the defaults: uniform 4-bit mse.
 """
@@ -41,6 +42,11 @@ class TurboQuantConfig:
     norm_correction: bool = False
     use_triton_interpreter: bool = False
     """Run the Triton kernels under TRITON_INTERPRET=1 on a CPU (tests of the GPU code path) instead of torch."""
+    batch_invariant_cpu: bool = False
+    """Turn oneDNN off in each process, so that the model's own bf16 matmuls on a CPU round a token's row the same
+    however many rows share the matmul (with oneDNN they do not below a few dozen rows). The TurboQuant attention is
+    row-invariant either way; with this the whole model is, so a request's greedy tokens do not depend on its batch
+    or on how much of its prompt hit the radix cache (tests/test_prefix_invariance.py). Slower linears."""
 
     def __post_init__(self) -> None:
         if self.layer_bits is None and self.kv_bits is None:
