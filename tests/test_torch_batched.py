@@ -56,6 +56,40 @@ def test_batched_decode_equals_reference(head_dim, k_bits, v_bits, variant, grou
     torch.testing.assert_close(out32, reference.decode_attention(q32, *args[1:]), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("head_dim", "k_bits", "v_bits", "variant", "group", "cap"),
+    [(128, 4, 3, "mse", 2, 0.0), (64, 3, 2, "prod", 1, 0.0), (128, 2.5, 16, "mse", 4, 30.0)],
+)
+@pytest.mark.parametrize(("max_elements", "block"), [(torch_batched.MAX_ELEMENTS, torch_batched.EXTEND_BLOCK), (1, 7)])
+def test_batched_extend_equals_reference(head_dim, k_bits, v_bits, variant, group, cap, max_elements, block):
+    """Prefill and prefix-cache extends: (cached prefix, new tokens) per request, queries causal over both."""
+    gen = torch.Generator().manual_seed(4)
+    hkv, slots_total = 2, 500
+    kq = get_quantizer(VectorLayout(head_dim=head_dim, bits=k_bits, variant=variant))
+    vq = get_quantizer(VectorLayout(head_dim=head_dim, bits=v_bits, variant=variant))
+    k_pool, v_pool = nan_pool(slots_total, hkv, kq), nan_pool(slots_total, hkv, vq)
+    prefix_new = [(0, 17), (30, 0), (0, 0), (5, 1), (100, 40), (1, 3)]
+    lens = [p + n for p, n in prefix_new]
+    slots = torch.randperm(slots_total, generator=gen)[: sum(lens)]
+    k, v = (torch.randn(len(slots), hkv, head_dim, generator=gen) for _ in range(2))
+    reference.write_kv(k_pool, v_pool, k, v, slots, kq, vq)
+    kv_indptr = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    qo_indptr = torch.tensor([0, *torch.tensor([n for _, n in prefix_new]).cumsum(0).tolist()])
+    q = torch.randn(int(qo_indptr[-1]), hkv * group, head_dim, generator=gen)
+    args = (q, k_pool, v_pool, qo_indptr, kv_indptr, slots, kq, vq, 1 / math.sqrt(head_dim), cap)
+    out = torch_batched.extend_attention(*args, max_elements=max_elements, block=block)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, reference.extend_attention(*args), rtol=1e-4, atol=1e-5)
+    q16 = q.to(torch.bfloat16)
+    out16 = torch_batched.extend_attention(q16, *args[1:], max_new_tokens=40)
+    assert out16.dtype == torch.bfloat16
+    torch.testing.assert_close(out16.float(), reference.extend_attention(q16, *args[1:]).float(), rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="request 0: 17 new tokens but only 16 kv slots"):
+        bad_kv = kv_indptr.clone()
+        bad_kv[1:] -= 1
+        torch_batched.extend_attention(q, k_pool, v_pool, qo_indptr, bad_kv, slots, kq, vq, 0.1)
+
+
 def test_batched_decode_rejects_what_the_reference_rejects():
     kq = get_quantizer(VectorLayout(head_dim=64, bits=4))
     pool = nan_pool(8, 2, kq)
@@ -88,3 +122,35 @@ def test_a_request_gets_bitwise_the_same_output_alone_and_in_a_batch(variant, ca
             q[b : b + 1], k_pool, v_pool, kv_indptr[b : b + 2] - kv_indptr[b], slots[kv_indptr[b] :], kq, vq, 0.09, cap
         )
         assert torch.equal(alone[0], batch[b])
+
+
+@pytest.mark.parametrize(("variant", "cap"), [("mse", 0.0), ("prod", 0.0), ("mse", 20.0)])
+def test_an_extend_is_bitwise_the_same_with_its_prefix_cached_or_computed(variant, cap):
+    """A token's output must not depend on how much of its prompt hit the radix cache, on how long the request was
+    that computed it, nor on the other requests in the extend batch (tests/test_prefix_invariance.py checks the
+    same through the server)."""
+    gen = torch.Generator().manual_seed(6)
+    d, hkv, n = 128, 2, 150
+    kq = get_quantizer(VectorLayout(head_dim=d, bits=4, variant=variant))
+    vq = get_quantizer(VectorLayout(head_dim=d, bits=3, variant=variant))
+    k_pool, v_pool = nan_pool(400, hkv, kq), nan_pool(400, hkv, vq)
+    slots = torch.randperm(400, generator=gen)[:n]
+    k, v = (torch.randn(n, hkv, d, generator=gen) for _ in range(2))
+    reference.write_kv(k_pool, v_pool, k, v, slots, kq, vq)
+    q = torch.randn(n, 2 * hkv, d, generator=gen)
+    pool_args = (k_pool, v_pool)
+    cold = torch_batched.extend_attention(
+        q, *pool_args, torch.tensor([0, n]), torch.tensor([0, n]), slots, kq, vq, 0.09, cap
+    )
+    other = 40  # a second request in the same batch: its own 40 new tokens over slots it shares
+    for prefix in (1, 5, 63, 64, 67, 128, n - 1):
+        qo = torch.tensor([0, n - prefix, n - prefix + other])
+        kv = torch.tensor([0, n, n + other])
+        hit = torch_batched.extend_attention(
+            torch.cat([q[prefix:], q[:other]]), *pool_args, qo, kv, torch.cat([slots, slots[:other]]), kq, vq, 0.09, cap
+        )
+        assert torch.equal(hit[: n - prefix], cold[prefix:]), prefix
+    for m in (30, 64, 100):  # the request that first computed a shared prefix was only that long
+        alone = torch.tensor([0, m])
+        short = torch_batched.extend_attention(q[:m], *pool_args, alone, alone, slots[:m], kq, vq, 0.09, cap)
+        assert torch.equal(short, cold[:m]), m

@@ -8,9 +8,9 @@ Both implement the same semantics (tq_serve.kernels.reference is the specificati
                      logit_cap, max_new_tokens=None)
 
 Chosen once per layer, when the pool is built:
-- CPU: torch. Writes and extend are the reference itself; decode is kernels/torch_batched.py, the reference's
-  semantics with the batch's K/V unpacked together through byte tables and attention run per request (batch-invariant).
-  Both read only the slots a batch names.
+- CPU: torch. Writes are the reference itself; decode and extend are kernels/torch_batched.py, the reference's
+  semantics with the batch's K/V unpacked together through byte tables and one fused attention call per request
+  (batch-invariant). Both read only the slots a batch names.
 - CUDA: the Triton kernels (kernels/triton_*.py) with the launch config tuned for this GPU, head_dim, bits and GQA
   group (tq_serve.autotune.store.lookup, which falls back to a rule with one log line); index range checks are off
   (each is a device sync; SGLang's allocator owns the slots). A layer whose layout the kernels do not read (see
@@ -44,15 +44,11 @@ class LayerOps:
     extend_attention: Callable[..., torch.Tensor]
 
 
-def _reference_extend(*args, max_new_tokens: int | None = None, **kwargs) -> torch.Tensor:
-    return reference.extend_attention(*args, **kwargs)  # loops over requests on the host: needs no length hint
-
-
 TORCH_OPS = LayerOps(
     name="torch",
     write_kv=reference.write_kv,
     decode_attention=torch_batched.decode_attention,
-    extend_attention=_reference_extend,
+    extend_attention=torch_batched.extend_attention,
 )
 
 
