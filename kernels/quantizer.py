@@ -93,6 +93,16 @@ def _storage_channels(plane: Plane) -> torch.Tensor:
     return (plane.start + k * plane.nbytes + j).reshape(-1)
 
 
+def _rotate_each(u: torch.Tensor, rotation_t: torch.Tensor) -> torch.Tensor:
+    """u (..., d) @ rotation_t (d, d), as a bmm of one row per vector: a vector's rotated coordinates, and so its
+    codes, come out bitwise the same however many vectors are written together (a flat (n, d) matmul rounds by n on
+    a CPU; a code on a boundary would then flip between a token written alone and in a batch)."""
+    if u.device.type != "cpu":
+        return u @ rotation_t
+    rows = u.reshape(-1, 1, u.shape[-1])
+    return torch.bmm(rows, rotation_t.expand(rows.shape[0], *rotation_t.shape)).view(u.shape)
+
+
 def split_plane_table(segment: Segment, codebook: torch.Tensor) -> torch.Tensor:
     """A 3-bit segment's codes live in two planes, 2 low bits and 1 high bit, whose bytes hold different channels:
     byte j of the low plane (n2 bytes) holds channels j + k * n2 (k = 0..3), and their high bits sit in byte
@@ -206,16 +216,18 @@ class TurboQuantizer:
         t = self.tensors(x.device)
         x32 = x.float()
         norm = x32.norm(dim=-1)
-        y = (x32 / norm.clamp_min(_TINY).unsqueeze(-1)) @ t.rotation.T
+        y = _rotate_each(x32 / norm.clamp_min(_TINY).unsqueeze(-1), t.rotation.T)
         out = torch.zeros(*x.shape[:-1], lay.bytes_per_vector, dtype=torch.uint8, device=x.device)
-        approx = torch.zeros_like(y)
+        need_approx = self.norm_correction or lay.variant == "prod"
+        approx = torch.zeros_like(y) if need_approx else None
         for seg, cb, bounds in zip(lay.segments, t.centroids, t.boundaries, strict=True):
-            part = slice(seg.start, seg.start + seg.channels)
-            codes = torch.bucketize(y[..., part].contiguous(), bounds)
-            approx[..., part] = cb[codes]
+            part = y if seg.channels == lay.head_dim else y[..., seg.start : seg.start + seg.channels].contiguous()
+            codes = torch.bucketize(part, bounds)
+            if need_approx:
+                approx[..., seg.start : seg.start + seg.channels] = cb[codes]
             for plane in seg.planes:
-                mask = (1 << plane.bits) - 1
-                out[..., plane.offset : plane.offset + plane.nbytes] = pack_plane((codes >> plane.shift) & mask, plane)
+                fields = codes if plane.bits == seg.bits else (codes >> plane.shift) & ((1 << plane.bits) - 1)
+                out[..., plane.offset : plane.offset + plane.nbytes] = pack_plane(fields, plane)
         stored_norm = norm
         if self.norm_correction:
             stored_norm = norm / approx.norm(dim=-1).clamp_min(_TINY)

@@ -1,19 +1,20 @@
-"""Decode attention over the packed pool for a whole batch, in torch: the CPU serving path.
+"""Decode and extend attention over the packed pool for a whole batch, in torch: the CPU serving path.
 
-Same semantics as reference.decode_attention (the specification; tests compare the two on the same packed data),
-different schedule. A CPU decode step spends its time in unpacking and in per-call overhead, so:
+Same semantics as reference.decode_attention / extend_attention (the specification; tests compare them on the same
+packed data), different schedule. A CPU step spends its time in unpacking and in per-call overhead, so:
 
 - The slots of a group of requests are gathered and unpacked together, by one table gather per packed byte
   (TurboQuantizer.storage_decode), into the quantizer's storage basis W: coordinates in the order they are stored,
   norms applied. Unpacking is element-wise, so it gives each record the same values whatever the batch.
 - The queries enter that basis and the outputs leave it by one batched matmul each (q @ W_k.T, acc @ W_v), which
-  replaces the rotation, the coordinate reordering and, for prod, the QJL projection.
-- The attention itself runs request by request, at that request's exact shapes: one fused
-  scaled_dot_product_attention call each (a few calls with tanh logit capping), as SGLang's torch_native backend
-  does for bf16. A padded (B, L) block would save those calls, but its reductions would then depend on the longest
-  request in the batch. A request must get bitwise the same tokens alone and in a batch, with its prefix cached or
-  not (tests/test_prefix_invariance.py), and a padded block broke that on tq-tiny. The batched matmuls are bmm's of
-  one (Hq, d) block per request, so each request's rows are computed alone there too (tests check this bitwise).
+  replaces the rotation, the coordinate reordering and, for prod, the QJL projection. These are bmm's of one
+  (Hq, d) block per token, so each token's rows are computed alone (a flat matmul rounds by its row count).
+- The attention itself runs request by request, at shapes that depend only on the request: one fused
+  scaled_dot_product_attention call per decode request (a few calls with tanh logit capping), as SGLang's
+  torch_native backend does for bf16; an extend in blocks of EXTEND_BLOCK positions (_attend_new_tokens). A padded
+  (B, L) block would save calls, but its reductions would then depend on the longest request in the batch. A
+  request must get bitwise the same tokens alone and in a batch, with its prefix cached or not
+  (tests/test_prefix_invariance.py), and a padded block broke that on tq-tiny. Unit tests check all of this bitwise.
 
 Only the slots a batch names are read (never the pool), so the cost follows the batch's tokens, not the pool size.
 Requests are grouped so that one group's unpacked K/V stay under `max_elements` floats.

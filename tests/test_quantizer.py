@@ -136,3 +136,15 @@ def test_distortion_matches_the_paper_at_head_dim_128(capsys):
 def test_distortion_cli_rejects_unsupported_head_dim(capsys):
     assert distortion.main(["--head-dim", "100"]) == 2
     assert "unsupported head_dim 100" in capsys.readouterr().err
+
+
+def test_a_vector_is_rotated_bitwise_the_same_alone_and_among_others():
+    """The write rotates each vector on its own, so its codes do not depend on what is written with it."""
+    from tq_serve.kernels.quantizer import _rotate_each
+
+    rotation_t = rotation_matrix(128, 0, "qr").T
+    u = unit_vectors(70, 128, seed=3).view(35, 2, 128)
+    together = _rotate_each(u, rotation_t)
+    for i in range(35):
+        assert torch.equal(_rotate_each(u[i : i + 1], rotation_t), together[i : i + 1])
+    torch.testing.assert_close(together, u @ rotation_t, rtol=1e-5, atol=1e-6)
