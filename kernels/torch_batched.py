@@ -22,9 +22,12 @@ Requests are grouped so that one group's unpacked K/V stay under `max_elements` 
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
+
 import torch
 import torch.nn.functional as F
 
+from . import reference
 from .quantizer import TurboQuantizer
 from .reference import _check_attention_args
 
@@ -32,12 +35,33 @@ from .reference import _check_attention_args
 MAX_ELEMENTS = 1 << 25
 # Token positions per attention call of an extend (see _attend_new_tokens).
 EXTEND_BLOCK = 64
+# A decode step, or a write, of up to this many unpacked floats runs on one thread (see _one_thread): on tq-tiny's
+# 16 requests of ~100 tokens (0.4M) that is as fast on an idle 2-core machine and 3x faster when the server's other
+# processes hold a core. Larger steps keep torch's threads for the batched unpacking.
+ONE_THREAD_ELEMENTS = 1 << 22
 
 
 def _per_request_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (B, m, k) @ w (k, n) -> (B, m, n) float32 as a bmm of B separate (m, k) blocks: one request's rows come out
     bitwise the same whatever the batch (a (B*m, k) matmul picks its kernel by B*m, and the results then differ)."""
     return torch.bmm(x, w.expand(x.shape[0], *w.shape))
+
+
+@contextmanager
+def _one_thread(device: torch.device):
+    """torch on one thread within: a decode step's calls are each a few microseconds of work, and with more threads
+    every call is a parallel region whose barrier waits for a core that the server's other processes (tokenizer,
+    HTTP) may hold, which made each call 2.5-5x slower on a 2-core machine. The results do not depend on it: the
+    calls split their work by head or by row, never within a reduction (the bitwise tests run with both)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _attend_one(
@@ -125,19 +149,20 @@ def _attend_requests(
         # index_select rather than k_pool[slots]: the same rows, copied ~10x faster on a CPU
         keys = k_quantizer.storage_decode(k_pool.index_select(0, slots))
         values = v_quantizer.storage_decode(v_pool.index_select(0, slots))
-        for b in range(first, last):
-            start, end = bounds[b] - lo, bounds[b + 1] - lo
-            if end == start or rows[b + 1] == rows[b]:
-                continue  # a request with no slots attends to nothing: its output stays zero
-            k, v = keys[start:end], values[start:end]
-            if block is None:
-                acc[rows[b] : rows[b + 1]] = _attend_one(
-                    queries[rows[b] : rows[b + 1]], k, v, sm_scale, logit_cap, None
-                )
-            else:
-                acc[rows[b] : rows[b + 1]] = _attend_new_tokens(
-                    queries[rows[b] : rows[b + 1]], k, v, sm_scale, logit_cap, block
-                )
+        with _one_thread(q.device) if block is None else nullcontext():
+            for b in range(first, last):
+                start, end = bounds[b] - lo, bounds[b + 1] - lo
+                if end == start or rows[b + 1] == rows[b]:
+                    continue  # a request with no slots attends to nothing: its output stays zero
+                k, v = keys[start:end], values[start:end]
+                if block is None:
+                    acc[rows[b] : rows[b + 1]] = _attend_one(
+                        queries[rows[b] : rows[b + 1]], k, v, sm_scale, logit_cap, None
+                    )
+                else:
+                    acc[rows[b] : rows[b + 1]] = _attend_new_tokens(
+                        queries[rows[b] : rows[b + 1]], k, v, sm_scale, logit_cap, block
+                    )
         first = last
     return _per_request_matmul(acc, v_basis).to(q.dtype)
 
@@ -159,9 +184,17 @@ def decode_attention(
     _check_attention_args(q, k_pool, v_pool, kv_indptr, kv_indices, k_quantizer, v_quantizer)
     if kv_indptr.numel() != q.shape[0] + 1:
         raise ValueError(f"kv_indptr must have batch + 1 = {q.shape[0] + 1} entries, got {kv_indptr.numel()}")
-    rows = list(range(q.shape[0] + 1))
+    rows, bounds = list(range(q.shape[0] + 1)), kv_indptr.tolist()
     args = (k_quantizer, v_quantizer, sm_scale, logit_cap, max_elements, None)
-    return _attend_requests(q, k_pool, v_pool, rows, kv_indptr.tolist(), kv_indices, *args)
+    unpacked = bounds[-1] * k_pool.shape[1] * k_quantizer.layout.head_dim
+    with _one_thread(q.device) if unpacked <= ONE_THREAD_ELEMENTS else nullcontext():
+        return _attend_requests(q, k_pool, v_pool, rows, bounds, kv_indices, *args)
+
+
+def write_kv(k_pool, v_pool, k, v, out_cache_loc, k_quantizer, v_quantizer) -> None:
+    """reference.write_kv, on one thread when the write is small (a decode step's tokens): see _one_thread."""
+    with _one_thread(k.device) if k.numel() <= ONE_THREAD_ELEMENTS else nullcontext():
+        reference.write_kv(k_pool, v_pool, k, v, out_cache_loc, k_quantizer, v_quantizer)
 
 
 def extend_attention(
