@@ -27,7 +27,6 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn.functional as F
 
-from . import reference
 from .quantizer import TurboQuantizer
 from .reference import _check_attention_args
 
@@ -35,10 +34,6 @@ from .reference import _check_attention_args
 MAX_ELEMENTS = 1 << 25
 # Token positions per attention call of an extend (see _attend_new_tokens).
 EXTEND_BLOCK = 64
-# A decode step, or a write, of up to this many unpacked floats runs on one thread (see _one_thread): on tq-tiny's
-# 16 requests of ~100 tokens (0.4M) that is as fast on an idle 2-core machine and 3x faster when the server's other
-# processes hold a core. Larger steps keep torch's threads for the batched unpacking.
-ONE_THREAD_ELEMENTS = 1 << 22
 
 
 def _per_request_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -49,10 +44,11 @@ def _per_request_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def _one_thread(device: torch.device):
-    """torch on one thread within: a decode step's calls are each a few microseconds of work, and with more threads
-    every call is a parallel region whose barrier waits for a core that the server's other processes (tokenizer,
-    HTTP) may hold, which made each call 2.5-5x slower on a 2-core machine. The results do not depend on it: the
-    calls split their work by head or by row, never within a reduction (the bitwise tests run with both)."""
+    """torch on one thread within. A decode step's per-request calls are each a few microseconds of work; with more
+    threads every call is a parallel region whose barrier waits for a core that the server's other processes
+    (tokenizer, HTTP) may hold, which made each call 2.5-5x slower on a 2-core machine with the other core busy (as
+    fast when idle). The results do not depend on it: the calls split their work by head, never within a reduction
+    (a test runs both)."""
     if device.type != "cpu":
         yield
         return
@@ -186,15 +182,7 @@ def decode_attention(
         raise ValueError(f"kv_indptr must have batch + 1 = {q.shape[0] + 1} entries, got {kv_indptr.numel()}")
     rows, bounds = list(range(q.shape[0] + 1)), kv_indptr.tolist()
     args = (k_quantizer, v_quantizer, sm_scale, logit_cap, max_elements, None)
-    unpacked = bounds[-1] * k_pool.shape[1] * k_quantizer.layout.head_dim
-    with _one_thread(q.device) if unpacked <= ONE_THREAD_ELEMENTS else nullcontext():
-        return _attend_requests(q, k_pool, v_pool, rows, bounds, kv_indices, *args)
-
-
-def write_kv(k_pool, v_pool, k, v, out_cache_loc, k_quantizer, v_quantizer) -> None:
-    """reference.write_kv, on one thread when the write is small (a decode step's tokens): see _one_thread."""
-    with _one_thread(k.device) if k.numel() <= ONE_THREAD_ELEMENTS else nullcontext():
-        reference.write_kv(k_pool, v_pool, k, v, out_cache_loc, k_quantizer, v_quantizer)
+    return _attend_requests(q, k_pool, v_pool, rows, bounds, kv_indices, *args)
 
 
 def extend_attention(

@@ -1,5 +1,6 @@
 """The batched CPU decode (kernels/torch_batched.py) equals the per-request reference on the same packed data."""
 
+import contextlib
 import math
 
 import pytest
@@ -125,7 +126,8 @@ def test_a_request_gets_bitwise_the_same_output_alone_and_in_a_batch(variant, ca
 
 
 def test_decode_is_bitwise_the_same_on_one_thread_and_on_torchs_threads(monkeypatch):
-    """Small decode steps run on one thread (torch_batched._one_thread); the result must not depend on that."""
+    """A decode step's per-request calls run on one thread (torch_batched._one_thread); the result must not depend
+    on that."""
     gen = torch.Generator().manual_seed(8)
     d, hkv, lens = 128, 2, [40, 7, 130, 1, 64]
     kq = get_quantizer(VectorLayout(head_dim=d, bits=4))
@@ -143,7 +145,7 @@ def test_decode_is_bitwise_the_same_on_one_thread_and_on_torchs_threads(monkeypa
     try:
         one = torch_batched.decode_attention(*args)
         assert torch.get_num_threads() == 2  # restored
-        monkeypatch.setattr(torch_batched, "ONE_THREAD_ELEMENTS", 0)
+        monkeypatch.setattr(torch_batched, "_one_thread", lambda device: contextlib.nullcontext())
         assert torch.equal(torch_batched.decode_attention(*args), one)
     finally:
         torch.set_num_threads(threads)

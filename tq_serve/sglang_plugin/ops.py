@@ -9,8 +9,8 @@ Both implement the same semantics (tq_serve.kernels.reference is the specificati
 
 Chosen once per layer, when the pool is built:
 - CPU: torch, kernels/torch_batched.py: the reference's semantics (writes are the reference itself) with the
-  batch's K/V unpacked together through byte tables and fused attention calls per request (batch-invariant), small
-  steps on one thread. They read only the slots a batch names.
+  batch's K/V unpacked together through byte tables and fused attention calls per request (batch-invariant), a
+  decode step's calls on one thread. They read only the slots a batch names.
 - CUDA: the Triton kernels (kernels/triton_*.py) with the launch config tuned for this GPU, head_dim, bits and GQA
   group (tq_serve.autotune.store.lookup, which falls back to a rule with one log line); index range checks are off
   (each is a device sync; SGLang's allocator owns the slots). A layer whose layout the kernels do not read (see
@@ -28,7 +28,7 @@ from functools import partial
 
 import torch
 
-from tq_serve.kernels import torch_batched
+from tq_serve.kernels import reference, torch_batched
 from tq_serve.kernels.layout import VectorLayout
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class LayerOps:
 
 TORCH_OPS = LayerOps(
     name="torch",
-    write_kv=torch_batched.write_kv,
+    write_kv=reference.write_kv,
     decode_attention=torch_batched.decode_attention,
     extend_attention=torch_batched.extend_attention,
 )
