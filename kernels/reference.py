@@ -61,8 +61,13 @@ def write_kv(
         )
     _check_indices("out_cache_loc", out_cache_loc, k_pool.shape[0])
     loc = out_cache_loc.long()
-    k_pool[loc] = k_quantizer.quantize(k)
-    v_pool[loc] = v_quantizer.quantize(v)
+    if k_quantizer is v_quantizer:  # one pass over K and V together: half the calls (quantize is row by row)
+        packed = k_quantizer.quantize(torch.cat([k, v]))
+        k_pool.index_copy_(0, loc, packed[: k.shape[0]])
+        v_pool.index_copy_(0, loc, packed[k.shape[0] :])
+        return
+    k_pool.index_copy_(0, loc, k_quantizer.quantize(k))
+    v_pool.index_copy_(0, loc, v_quantizer.quantize(v))
 
 
 def attend_packed(
