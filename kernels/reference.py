@@ -130,6 +130,22 @@ def _check_attention_args(q, k_pool, v_pool, kv_indptr, kv_indices, k_quantizer,
     _check_indices("kv_indices", kv_indices[: int(kv_indptr[-1])], k_pool.shape[0])
 
 
+def _extend_bounds(q: torch.Tensor, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor) -> tuple[list[int], list[int]]:
+    """An extend's (qo_indptr, kv_indptr) as host lists, checked: matching lengths, q rows, and every request with at
+    least as many kv slots as new tokens (the new tokens are written before they are attended)."""
+    if qo_indptr.numel() != kv_indptr.numel() or int(qo_indptr[-1]) != q.shape[0]:
+        raise ValueError(
+            f"qo_indptr ({qo_indptr.numel()} entries, ends at {int(qo_indptr[-1])}) must match kv_indptr "
+            f"({kv_indptr.numel()} entries) and q rows ({q.shape[0]})"
+        )
+    qo, kv = qo_indptr.tolist(), kv_indptr.tolist()
+    for b in range(len(qo) - 1):
+        n_new, n_kv = qo[b + 1] - qo[b], kv[b + 1] - kv[b]
+        if n_kv < n_new:
+            raise ValueError(f"request {b}: {n_new} new tokens but only {n_kv} kv slots (new tokens are written first)")
+    return qo, kv
+
+
 def decode_attention(
     q: torch.Tensor,
     k_pool: torch.Tensor,
@@ -171,19 +187,12 @@ def extend_attention(
 ) -> torch.Tensor:
     """New tokens of each request, causal over prefix + themselves: q (T, Hq, d) -> (T, Hq, d) in q.dtype."""
     _check_attention_args(q, k_pool, v_pool, kv_indptr, kv_indices, k_quantizer, v_quantizer)
-    if qo_indptr.numel() != kv_indptr.numel() or int(qo_indptr[-1]) != q.shape[0]:
-        raise ValueError(
-            f"qo_indptr ({qo_indptr.numel()} entries, ends at {int(qo_indptr[-1])}) must match kv_indptr "
-            f"({kv_indptr.numel()} entries) and q rows ({q.shape[0]})"
-        )
+    qo, kv = _extend_bounds(q, qo_indptr, kv_indptr)
     out = torch.zeros_like(q)
-    qo, kv = qo_indptr.tolist(), kv_indptr.tolist()
     for b in range(len(qo) - 1):
         n_new, n_kv = qo[b + 1] - qo[b], kv[b + 1] - kv[b]
         if n_new == 0:
             continue
-        if n_kv < n_new:
-            raise ValueError(f"request {b}: {n_new} new tokens but only {n_kv} kv slots (new tokens are written first)")
         slots = kv_indices[kv[b] : kv[b + 1]].long()
         out[qo[b] : qo[b + 1]] = attend_packed(
             q[qo[b] : qo[b + 1]],

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .quantizer import TurboQuantizer
-from .reference import _check_attention_args
+from .reference import _check_attention_args, _extend_bounds
 
 # Unpacked floats per group of requests (K or V values of one group, storage basis, fp32): 32M = 128 MB.
 MAX_ELEMENTS = 1 << 25
@@ -204,15 +204,6 @@ def extend_attention(
     """New tokens of each request, causal over prefix + themselves: q (T, Hq, d) -> (T, Hq, d) in q.dtype, as
     reference.extend_attention (max_new_tokens, the Triton kernel's grid hint, is not needed here)."""
     _check_attention_args(q, k_pool, v_pool, kv_indptr, kv_indices, k_quantizer, v_quantizer)
-    if qo_indptr.numel() != kv_indptr.numel() or int(qo_indptr[-1]) != q.shape[0]:
-        raise ValueError(
-            f"qo_indptr ({qo_indptr.numel()} entries, ends at {int(qo_indptr[-1])}) must match kv_indptr "
-            f"({kv_indptr.numel()} entries) and q rows ({q.shape[0]})"
-        )
-    rows, bounds = qo_indptr.tolist(), kv_indptr.tolist()
-    for b in range(len(rows) - 1):
-        n_new, n_kv = rows[b + 1] - rows[b], bounds[b + 1] - bounds[b]
-        if n_kv < n_new:
-            raise ValueError(f"request {b}: {n_new} new tokens but only {n_kv} kv slots (new tokens are written first)")
+    rows, bounds = _extend_bounds(q, qo_indptr, kv_indptr)
     args = (k_quantizer, v_quantizer, sm_scale, logit_cap, max_elements, block)
     return _attend_requests(q, k_pool, v_pool, rows, bounds, kv_indices, *args)
