@@ -15,7 +15,6 @@ kernel counts boundaries strictly below the value, which is the same rule.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from functools import cache
 
@@ -93,14 +92,19 @@ def _storage_channels(plane: Plane) -> torch.Tensor:
     return (plane.start + k * plane.nbytes + j).reshape(-1)
 
 
+def blockwise_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (B, m, k) @ w (k, n) -> (B, m, n) as a bmm of B separate (m, k) products: each block's rows come out
+    bitwise the same whatever B is. A flat (B*m, k) matmul picks its CPU kernel by its row count, so a row would
+    round differently alone and among others (a request decoded alone vs in a batch, a token written alone)."""
+    return torch.bmm(x, w.expand(x.shape[0], *w.shape))
+
+
 def _rotate_each(u: torch.Tensor, rotation_t: torch.Tensor) -> torch.Tensor:
-    """u (..., d) @ rotation_t (d, d), as a bmm of one row per vector: a vector's rotated coordinates, and so its
-    codes, come out bitwise the same however many vectors are written together (a flat (n, d) matmul rounds by n on
-    a CPU; a code on a boundary would then flip between a token written alone and in a batch)."""
+    """u (..., d) @ rotation_t (d, d), each vector on its own on a CPU (blockwise_matmul): its rotated coordinates,
+    and so its codes, do not depend on what is written with it (a code on a boundary would flip otherwise)."""
     if u.device.type != "cpu":
         return u @ rotation_t
-    rows = u.reshape(-1, 1, u.shape[-1])
-    return torch.bmm(rows, rotation_t.expand(rows.shape[0], *rotation_t.shape)).view(u.shape)
+    return blockwise_matmul(u.reshape(-1, 1, u.shape[-1]), rotation_t).view(u.shape)
 
 
 def split_plane_table(segment: Segment, codebook: torch.Tensor) -> torch.Tensor:
@@ -153,9 +157,11 @@ class TurboQuantizer:
         self.norm_dtype = getattr(torch, layout.norm_dtype)
         d = layout.head_dim
         codebooks = tuple(centroids(d, s.bits) for s in layout.segments)
+        rotation_m = torch.eye(d) if layout.is_raw else rotation_matrix(d, seed, rotation)
+        qjl_m = qjl_matrix(d, seed) if layout.variant == "prod" and not layout.is_raw else None
         self._cpu = _DeviceTensors(
-            rotation=torch.eye(d) if layout.is_raw else rotation_matrix(d, seed, rotation),
-            qjl=qjl_matrix(d, seed) if layout.variant == "prod" and not layout.is_raw else None,
+            rotation=rotation_m,
+            qjl=qjl_m,
             centroids=codebooks,
             boundaries=tuple(boundaries(d, s.bits) for s in layout.segments),
             plane_tables=tuple(
@@ -167,8 +173,8 @@ class TurboQuantizer:
                 split_plane_table(seg, cb) if len(seg.planes) == 2 else None
                 for seg, cb in zip(layout.segments, codebooks, strict=True)
             ),
+            storage_basis=self._storage_basis(rotation_m, qjl_m),
         )
-        self._cpu = dataclasses.replace(self._cpu, storage_basis=self._storage_basis(self._cpu))
         self._by_device: dict[torch.device, _DeviceTensors] = {torch.device("cpu"): self._cpu}
 
     def __repr__(self) -> str:
@@ -319,16 +325,13 @@ class TurboQuantizer:
         signs *= norms * read_scalar(packed, lay.rnorm_offset, self.norm_dtype).unsqueeze(-1) * self.qjl_scale
         return torch.cat([values, signs], dim=-1)
 
-    def _storage_basis(self, t: _DeviceTensors) -> torch.Tensor:
+    def _storage_basis(self, rotation: torch.Tensor, qjl: torch.Tensor | None) -> torch.Tensor:
         """W of storage_decode, (E, d): the rows of R in storage order, then for prod the rows of S R in the order of
-        the sign plane. Raw layouts: the identity."""
-        lay = self.layout
-        if lay.is_raw:
-            return torch.eye(lay.head_dim)
-        order = [_storage_channels(seg.planes[0]) for seg in lay.segments]
-        basis = t.rotation[torch.cat(order)] if order else t.rotation  # 1-bit prod: its zero values need no order
-        if lay.variant == "prod":
-            basis = torch.cat([basis, (t.qjl @ t.rotation)[_storage_channels(self.qjl_plane)]])
+        the sign plane. Raw layouts: R is the identity, and so is W."""
+        order = [_storage_channels(seg.planes[0]) for seg in self.layout.segments]
+        basis = rotation[torch.cat(order)] if order else rotation  # raw, and 1-bit prod's zero values: no order
+        if qjl is not None:
+            basis = torch.cat([basis, (qjl @ rotation)[_storage_channels(self.qjl_plane)]])
         return basis.contiguous()
 
     def rotate_query(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -61,13 +61,13 @@ def write_kv(
         )
     _check_indices("out_cache_loc", out_cache_loc, k_pool.shape[0])
     loc = out_cache_loc.long()
-    if k_quantizer is v_quantizer:  # one pass over K and V together: half the calls (quantize is row by row)
+    if k_quantizer is v_quantizer:  # one pass over K and V together: half the calls (quantize is row by row on CPU)
         packed = k_quantizer.quantize(torch.cat([k, v]))
-        k_pool.index_copy_(0, loc, packed[: k.shape[0]])
-        v_pool.index_copy_(0, loc, packed[k.shape[0] :])
-        return
-    k_pool.index_copy_(0, loc, k_quantizer.quantize(k))
-    v_pool.index_copy_(0, loc, v_quantizer.quantize(v))
+        k_packed, v_packed = packed[: k.shape[0]], packed[k.shape[0] :]
+    else:
+        k_packed, v_packed = k_quantizer.quantize(k), v_quantizer.quantize(v)
+    k_pool.index_copy_(0, loc, k_packed)
+    v_pool.index_copy_(0, loc, v_packed)
 
 
 def attend_packed(

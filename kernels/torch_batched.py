@@ -27,19 +27,13 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn.functional as F
 
-from .quantizer import TurboQuantizer
+from .quantizer import TurboQuantizer, blockwise_matmul
 from .reference import _check_attention_args, _extend_bounds
 
 # Unpacked floats per group of requests (K or V values of one group, storage basis, fp32): 32M = 128 MB.
 MAX_ELEMENTS = 1 << 25
 # Token positions per attention call of an extend (see _attend_new_tokens).
 EXTEND_BLOCK = 64
-
-
-def _per_request_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (B, m, k) @ w (k, n) -> (B, m, n) float32 as a bmm of B separate (m, k) blocks: one request's rows come out
-    bitwise the same whatever the batch (a (B*m, k) matmul picks its kernel by B*m, and the results then differ)."""
-    return torch.bmm(x, w.expand(x.shape[0], *w.shape))
 
 
 @contextmanager
@@ -130,7 +124,7 @@ def _attend_requests(
     query row per request, seeing all its slots (decode); else causal, in blocks (_attend_new_tokens)."""
     k_basis = k_quantizer.tensors(q.device).storage_basis
     v_basis = v_quantizer.tensors(q.device).storage_basis
-    queries = _per_request_matmul(q.float(), k_basis.T)  # (T, Hq, E_k), each token's rows alone
+    queries = blockwise_matmul(q.float(), k_basis.T)  # (T, Hq, E_k), each token's rows alone
     acc = torch.zeros(*q.shape[:2], v_basis.shape[0], dtype=torch.float32, device=q.device)
     per_token = k_pool.shape[1] * max(k_basis.shape[0], v_basis.shape[0])
     num_requests = len(bounds) - 1
@@ -160,7 +154,7 @@ def _attend_requests(
                         queries[rows[b] : rows[b + 1]], k, v, sm_scale, logit_cap, block
                     )
         first = last
-    return _per_request_matmul(acc, v_basis).to(q.dtype)
+    return blockwise_matmul(acc, v_basis).to(q.dtype)
 
 
 def decode_attention(
