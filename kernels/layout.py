@@ -1,8 +1,14 @@
-"""The packed byte layout of one K or V vector, and of one token slot of a whole model's KV cache.
+"""The packed layout of one K or V vector, and of one token slot of a whole model's KV cache.
 
-One vector (one token, one KV head, one layer) of head_dim d at b bits is a byte record:
+One vector (one token, one KV head, one layer) of head_dim d at b bits is stored as a *code row* and its *norms*,
+in two separate arrays of the pool (tq_serve.kernels.packed.PackedVectors):
 
-    [ code planes of segment 0 | code planes of segment 1 | QJL signs (prod) | norm | residual norm (prod) ]
+    code row (uint8, code_bytes):   [ code planes of segment 0 | code planes of segment 1 | QJL signs (prod) ]
+    norms (norm_dtype, norms_per_vector):   [ n | gamma, the residual norm (prod) ]
+
+Keeping the norms apart lets code rows sit back to back at their natural alignment: at d=128 a 4-bit row is 64 B,
+3-bit 48 B, 2-bit 32 B, so every row starts on a 16-byte boundary and a kernel reads it with wide loads. Interleaving
+a 2-byte norm into each record (66 B) made every other row misaligned and forced byte loads.
 
 - A *segment* is a run of rotated coordinates quantized with one codebook. Integer bits use one segment over all d
   coordinates; fractional bits (2.5, 3.5) split the rotated vector in two halves at ceil/floor bits (the channel
@@ -11,11 +17,12 @@ One vector (one token, one KV head, one layer) of head_dim d at b bits is a byte
   1-bit plane, 2 = one crumb plane, 1 = one bit plane). A p-bit plane over n channels is n*p/8 bytes; byte j holds
   channels j, j + n*p/8, j + 2*n*p/8, ... at bit offsets 0, p, 2p, ... So unpacking is shifts and masks only, and each
   shift yields a contiguous block of channels (kernels load whole blocks, never interleave).
-- Norms are stored little-endian in `norm_dtype` (float16 by default: 2 bytes; enough for K/V norms and 2^-11
-  relative error, far below the quantization error). No per-block scale or zero point exists.
-- bits = 16 stores the raw bfloat16 vector (2*d bytes): an uncompressed layer in a mixed schedule.
+- Norms are `norm_dtype` (float16 by default: enough for K/V norms and 2^-11 relative error, far below the
+  quantization error). No per-block scale or zero point exists.
+- bits = 16 stores the raw bfloat16 vector as its code row (2*d bytes) and no norm: an uncompressed layer in a mixed
+  schedule.
 
-At d=128 with float16 norms: 66 B (4 bits), 50 B (3), 34 B (2), against 256 B in bf16.
+At d=128 with float16 norms: 64 + 2 B (4 bits), 48 + 2 (3), 32 + 2 (2), against 256 B in bf16.
 """
 
 from __future__ import annotations
@@ -120,36 +127,44 @@ class VectorLayout:
         return tuple(segments)
 
     @property
-    def code_bytes(self) -> int:
+    def plane_bytes(self) -> int:
+        """Bytes of the Lloyd-Max code planes of all segments (the code row before the QJL signs)."""
         return sum(p.nbytes for s in self.segments for p in s.planes)
 
     @property
     def qjl_offset(self) -> int:
-        return self.code_bytes
+        return self.plane_bytes
 
     @property
     def qjl_bytes(self) -> int:
         return self.head_dim // 8 if self.variant == "prod" and not self.is_raw else 0
 
     @property
+    def code_bytes(self) -> int:
+        """Bytes of one code row: the code planes and QJL signs, or the bfloat16 vector of a raw layout."""
+        return 2 * self.head_dim if self.is_raw else self.plane_bytes + self.qjl_bytes
+
+    @property
+    def code_row_align(self) -> int:
+        """The alignment in bytes of every code row of a pool (rows are back to back): the largest power of two up to
+        16 that divides code_bytes. 16 at d=128 for 2, 3 and 4 bits."""
+        return math.gcd(self.code_bytes, 16)
+
+    @property
+    def norms_per_vector(self) -> int:
+        """Norms stored beside the code row: none (raw), n (mse), n and the residual norm gamma (prod)."""
+        if self.is_raw:
+            return 0
+        return 2 if self.variant == "prod" else 1
+
+    @property
     def norm_bytes(self) -> int:
-        return 0 if self.is_raw else NORM_DTYPES[self.norm_dtype]
-
-    @property
-    def norm_offset(self) -> int:
-        return self.qjl_offset + self.qjl_bytes
-
-    @property
-    def rnorm_offset(self) -> int:
-        """Offset of the residual norm gamma (prod only)."""
-        return self.norm_offset + self.norm_bytes
+        """Bytes of one stored norm."""
+        return NORM_DTYPES[self.norm_dtype]
 
     @property
     def bytes_per_vector(self) -> int:
-        if self.is_raw:
-            return 2 * self.head_dim
-        n_norms = 2 if self.variant == "prod" else 1
-        return self.code_bytes + self.qjl_bytes + n_norms * self.norm_bytes
+        return self.code_bytes + self.norms_per_vector * self.norm_bytes
 
 
 def parse_bits(value: object) -> float:

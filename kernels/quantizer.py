@@ -22,14 +22,15 @@ import torch
 
 from .codebook import boundaries, centroids
 from .layout import Plane, Segment, VectorLayout
+from .packed import PackedVectors
 from .rotation import qjl_matrix, qjl_scale, rotation_matrix
 
 _TINY = 1e-30
 
 
-def unpack_plane(packed: torch.Tensor, plane: Plane) -> torch.Tensor:
-    """(..., bytes_per_vector) uint8 -> the plane's values (..., plane.channels) int32."""
-    raw = packed[..., plane.offset : plane.offset + plane.nbytes].to(torch.int32)
+def unpack_plane(codes: torch.Tensor, plane: Plane) -> torch.Tensor:
+    """Code rows (..., code_bytes) uint8 -> the plane's values (..., plane.channels) int32."""
+    raw = codes[..., plane.offset : plane.offset + plane.nbytes].to(torch.int32)
     mask = (1 << plane.bits) - 1
     return torch.cat([(raw >> (k * plane.bits)) & mask for k in range(plane.per_byte)], dim=-1)
 
@@ -41,19 +42,6 @@ def pack_plane(values: torch.Tensor, plane: Plane) -> torch.Tensor:
     for k in range(plane.per_byte):
         packed |= blocks[..., k, :] << (k * plane.bits)
     return packed.to(torch.uint8)
-
-
-def read_scalar(packed: torch.Tensor, offset: int, dtype: torch.dtype) -> torch.Tensor:
-    """A little-endian scalar stored at byte `offset` of each record -> (...,) float32."""
-    size = torch.finfo(dtype).bits // 8
-    # A fresh copy: a slice that is already contiguous (one record) keeps its odd byte offset, which view() refuses.
-    raw = packed[..., offset : offset + size].clone(memory_format=torch.contiguous_format)
-    return raw.view(dtype).squeeze(-1).float()
-
-
-def write_scalar(out: torch.Tensor, offset: int, values: torch.Tensor, dtype: torch.dtype) -> None:
-    size = torch.finfo(dtype).bits // 8
-    out[..., offset : offset + size] = values.to(dtype).unsqueeze(-1).contiguous().view(torch.uint8)
 
 
 def plane_table(plane: Plane, values: torch.Tensor | None = None) -> torch.Tensor:
@@ -76,14 +64,14 @@ def _gather_rows(index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return words.index_select(0, index.reshape(-1)).view(torch.float32).view(*index.shape, 2)
 
 
-def _plane_fields(packed: torch.Tensor, plane: Plane, table: torch.Tensor, channel_order: bool = True) -> torch.Tensor:
-    """Packed records (..., bytes) -> the plane's table entries (..., plane.channels), in channel order, or in
+def _plane_fields(codes: torch.Tensor, plane: Plane, table: torch.Tensor, channel_order: bool = True) -> torch.Tensor:
+    """Code rows (..., code_bytes) -> the plane's table entries (..., plane.channels), in channel order, or in
     storage order (byte-major: see _storage_channels), which needs no transposing copy."""
-    raw = packed[..., plane.offset : plane.offset + plane.nbytes].long()
+    raw = codes[..., plane.offset : plane.offset + plane.nbytes].long()
     fields = _gather_rows(raw, table)  # (..., nbytes, per_byte)
     if not channel_order:
         return fields.flatten(-2)
-    return fields.transpose(-1, -2).reshape(*packed.shape[:-1], plane.channels)
+    return fields.transpose(-1, -2).reshape(*codes.shape[:-1], plane.channels)
 
 
 def _storage_channels(plane: Plane) -> torch.Tensor:
@@ -122,13 +110,19 @@ def split_plane_table(segment: Segment, codebook: torch.Tensor) -> torch.Tensor:
     return codebook.float()[code]
 
 
-def _split_plane_fields(packed: torch.Tensor, segment: Segment, table: torch.Tensor) -> torch.Tensor:
-    """A 3-bit segment (see split_plane_table) -> its centroids (..., channels) in the low plane's storage order."""
+def _split_plane_fields(codes: torch.Tensor, segment: Segment, table: torch.Tensor) -> torch.Tensor:
+    """A 3-bit segment (see split_plane_table) of code rows -> its centroids (..., channels) in the low plane's
+    storage order."""
     low, high = segment.planes
-    high_bytes = packed[..., high.offset : high.offset + high.nbytes]
+    high_bytes = codes[..., high.offset : high.offset + high.nbytes]
     high_bits = torch.cat([high_bytes, high_bytes >> 1], dim=-1) & 0x55  # (..., low.nbytes)
-    index = packed[..., low.offset : low.offset + low.nbytes].long() | (high_bits.long() << 8)
+    index = codes[..., low.offset : low.offset + low.nbytes].long() | (high_bits.long() << 8)
     return torch.nn.functional.embedding(index, table).flatten(-2)
+
+
+def _raw_vectors(packed: PackedVectors) -> torch.Tensor:
+    """A raw (16-bit) layout's code rows are the bfloat16 vectors: (..., 2d) uint8 -> (..., d) float32."""
+    return packed.codes.contiguous().view(torch.bfloat16).float()
 
 
 @dataclass(frozen=True)
@@ -206,24 +200,23 @@ class TurboQuantizer:
         if x.shape[-1] != self.layout.head_dim:
             raise ValueError(f"expected vectors of head_dim {self.layout.head_dim}, got shape {tuple(x.shape)}")
 
-    def _check_packed(self, packed: torch.Tensor) -> None:
-        if packed.dtype != torch.uint8 or packed.shape[-1] != self.layout.bytes_per_vector:
-            raise ValueError(
-                f"expected uint8 records of {self.layout.bytes_per_vector} bytes ({self.layout}), "
-                f"got {packed.dtype} of shape {tuple(packed.shape)}"
-            )
+    def _check_packed(self, packed: PackedVectors) -> None:
+        if not isinstance(packed, PackedVectors):
+            raise TypeError(f"expected PackedVectors (codes, norms) of {self.layout}, got {type(packed).__name__}")
+        packed.check("packed vectors", self.layout)
 
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., head_dim) float -> packed records (..., bytes_per_vector) uint8."""
+    def quantize(self, x: torch.Tensor) -> PackedVectors:
+        """(..., head_dim) float -> packed vectors: codes (..., code_bytes) uint8, norms (..., norms_per_vector)."""
         self._check_vectors(x)
         lay = self.layout
+        out = PackedVectors.empty(lay, x.shape[:-1], x.device)
         if lay.is_raw:
-            return x.to(torch.bfloat16).contiguous().view(torch.uint8)
+            out.codes.copy_(x.to(torch.bfloat16).contiguous().view(torch.uint8))
+            return out
         t = self.tensors(x.device)
         x32 = x.float()
         norm = x32.norm(dim=-1)
         y = _rotate_each(x32 / norm.clamp_min(_TINY).unsqueeze(-1), t.rotation.T)
-        out = torch.zeros(*x.shape[:-1], lay.bytes_per_vector, dtype=torch.uint8, device=x.device)
         need_approx = self.norm_correction or lay.variant == "prod"
         approx = torch.zeros_like(y) if need_approx else None
         for seg, cb, bounds in zip(lay.segments, t.centroids, t.boundaries, strict=True):
@@ -233,16 +226,16 @@ class TurboQuantizer:
                 approx[..., seg.start : seg.start + seg.channels] = cb[codes]
             for plane in seg.planes:
                 fields = codes if plane.bits == seg.bits else (codes >> plane.shift) & ((1 << plane.bits) - 1)
-                out[..., plane.offset : plane.offset + plane.nbytes] = pack_plane(fields, plane)
+                out.codes[..., plane.offset : plane.offset + plane.nbytes] = pack_plane(fields, plane)
         stored_norm = norm
         if self.norm_correction:
             stored_norm = norm / approx.norm(dim=-1).clamp_min(_TINY)
-        write_scalar(out, lay.norm_offset, stored_norm, self.norm_dtype)
+        out.norms[..., 0] = stored_norm
         if lay.variant == "prod":
             residual = y - approx
             signs = (residual @ t.qjl.T) >= 0
-            out[..., lay.qjl_offset : lay.qjl_offset + lay.qjl_bytes] = pack_plane(signs, self.qjl_plane)
-            write_scalar(out, lay.rnorm_offset, residual.norm(dim=-1), self.norm_dtype)
+            out.codes[..., lay.qjl_offset : lay.qjl_offset + lay.qjl_bytes] = pack_plane(signs, self.qjl_plane)
+            out.norms[..., 1] = residual.norm(dim=-1)
         return out
 
     @property
@@ -250,23 +243,27 @@ class TurboQuantizer:
         """The 1-bit plane of QJL residual signs over all head_dim coordinates (prod only)."""
         return Plane(offset=self.layout.qjl_offset, bits=1, shift=0, start=0, channels=self.layout.head_dim)
 
-    def codes(self, packed: torch.Tensor) -> torch.Tensor:
+    def codes(self, packed: PackedVectors) -> torch.Tensor:
         """Lloyd-Max codes of all segments, (..., channels of the mse part) int32 (rotated-coordinate order)."""
         self._check_packed(packed)
-        parts = [torch.zeros(*packed.shape[:-1], 0, dtype=torch.int32, device=packed.device)]
+        parts = [torch.zeros(*packed.shape, 0, dtype=torch.int32, device=packed.device)]
         for seg in self.layout.segments:
-            code = torch.zeros(*packed.shape[:-1], seg.channels, dtype=torch.int32, device=packed.device)
+            code = torch.zeros(*packed.shape, seg.channels, dtype=torch.int32, device=packed.device)
             for plane in seg.planes:
-                code |= unpack_plane(packed, plane) << plane.shift
+                code |= unpack_plane(packed.codes, plane) << plane.shift
             parts.append(code)
         return torch.cat(parts, dim=-1)
 
-    def norms(self, packed: torch.Tensor) -> torch.Tensor:
-        """Stored norms (...,) float32."""
-        return read_scalar(packed, self.layout.norm_offset, self.norm_dtype)
+    def norms(self, packed: PackedVectors) -> torch.Tensor:
+        """Stored norms n (...,) float32."""
+        return packed.norms[..., 0].float()
 
-    def rotated(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Packed records -> their rotated-domain reconstruction, never de-rotated:
+    def residual_norms(self, packed: PackedVectors) -> torch.Tensor:
+        """Stored residual norms gamma (...,) float32 (prod only)."""
+        return packed.norms[..., 1].float()
+
+    def rotated(self, packed: PackedVectors) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Packed vectors -> their rotated-domain reconstruction, never de-rotated:
 
         values (..., d) = n * c[idx], and for prod qjl (..., d) = n * gamma * qjl_scale * s (else None), so that
         x~ = (values + qjl @ S) @ R  and  <q, x~> = (R q) . values + (S R q) . qjl.
@@ -274,18 +271,18 @@ class TurboQuantizer:
         self._check_packed(packed)
         lay = self.layout
         if lay.is_raw:
-            return packed.contiguous().view(torch.bfloat16).float(), None
+            return _raw_vectors(packed), None
         t = self.tensors(packed.device)
         norm = self.norms(packed).unsqueeze(-1)
-        values = self._centroids(packed, t, channel_order=True)
+        values = self._centroids(packed.codes, t, channel_order=True)
         values *= norm
         if lay.variant != "prod":
             return values, None
-        signs = _plane_fields(packed, self.qjl_plane, t.qjl_table)
-        gamma = read_scalar(packed, lay.rnorm_offset, self.norm_dtype).unsqueeze(-1)
+        signs = _plane_fields(packed.codes, self.qjl_plane, t.qjl_table)
+        gamma = self.residual_norms(packed).unsqueeze(-1)
         return values, signs * (norm * gamma * self.qjl_scale)
 
-    def _centroids(self, packed: torch.Tensor, t: _DeviceTensors, channel_order: bool) -> torch.Tensor:
+    def _centroids(self, codes: torch.Tensor, t: _DeviceTensors, channel_order: bool) -> torch.Tensor:
         """c[idx] of all segments, unscaled, (..., d) float32: in channel order, or in storage order, the order of
         t.storage_basis's first d rows (each segment as its first plane stores it)."""
         parts = []
@@ -293,18 +290,18 @@ class TurboQuantizer:
             self.layout.segments, t.centroids, t.plane_tables, t.split_tables, strict=True
         ):
             if len(seg.planes) == 1:  # the table maps bytes straight to centroids
-                parts.append(_plane_fields(packed, seg.planes[0], tables[0], channel_order))
+                parts.append(_plane_fields(codes, seg.planes[0], tables[0], channel_order))
             elif not channel_order:
-                parts.append(_split_plane_fields(packed, seg, split))
+                parts.append(_split_plane_fields(codes, seg, split))
             else:
-                code = sum(_plane_fields(packed, plane, table) for plane, table in zip(seg.planes, tables, strict=True))
+                code = sum(_plane_fields(codes, plane, table) for plane, table in zip(seg.planes, tables, strict=True))
                 parts.append(torch.nn.functional.embedding(code.long(), cb.unsqueeze(1)).squeeze(-1))
         if not parts:  # 1-bit prod: QJL signs only, no codes
-            return torch.zeros(*packed.shape[:-1], self.layout.head_dim, dtype=torch.float32, device=packed.device)
+            return torch.zeros(*codes.shape[:-1], self.layout.head_dim, dtype=torch.float32, device=codes.device)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
-    def storage_decode(self, packed: torch.Tensor) -> torch.Tensor:
-        """Packed records (..., bytes) -> y (..., E) float32 in the storage basis W = tensors(device).storage_basis
+    def storage_decode(self, packed: PackedVectors) -> torch.Tensor:
+        """Packed vectors (...) -> y (..., E) float32 in the storage basis W = tensors(device).storage_basis
         (E, d), so that x~ = y @ W: <q, x~> = (q @ W.T) . y and sum_i p_i x~_i = (sum_i p_i y_i) @ W.
 
         mse: y = n * c[idx] with the coordinates in the order they are stored (E = d); prod: then
@@ -314,15 +311,15 @@ class TurboQuantizer:
         self._check_packed(packed)
         lay = self.layout
         if lay.is_raw:
-            return packed.contiguous().view(torch.bfloat16).float()
+            return _raw_vectors(packed)
         t = self.tensors(packed.device)
         norms = self.norms(packed).unsqueeze(-1)
-        values = self._centroids(packed, t, channel_order=False)
+        values = self._centroids(packed.codes, t, channel_order=False)
         values *= norms
         if lay.variant != "prod":
             return values
-        signs = _plane_fields(packed, self.qjl_plane, t.qjl_table, channel_order=False)
-        signs *= norms * read_scalar(packed, lay.rnorm_offset, self.norm_dtype).unsqueeze(-1) * self.qjl_scale
+        signs = _plane_fields(packed.codes, self.qjl_plane, t.qjl_table, channel_order=False)
+        signs *= norms * self.residual_norms(packed).unsqueeze(-1) * self.qjl_scale
         return torch.cat([values, signs], dim=-1)
 
     def _storage_basis(self, rotation: torch.Tensor, qjl: torch.Tensor | None) -> torch.Tensor:
@@ -347,8 +344,8 @@ class TurboQuantizer:
             acc = acc + acc_qjl @ t.qjl
         return acc @ t.rotation
 
-    def dequantize(self, packed: torch.Tensor) -> torch.Tensor:
-        """Packed records (..., bytes_per_vector) -> x~ (..., head_dim) float32."""
+    def dequantize(self, packed: PackedVectors) -> torch.Tensor:
+        """Packed vectors (...) -> x~ (..., head_dim) float32."""
         return self.unrotate_output(*self.rotated(packed))
 
 

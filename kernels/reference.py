@@ -6,8 +6,9 @@ Only the slots a batch names are read, never the whole pool; nothing is de-rotat
     score_i = sm_scale * (n_i (R q) . c[idx_i]  [+ n_i gamma_i c_d (S R q) . s_i])
     out     = R^T (sum_i p_i n_i c[idx_i]  [+ c_d S^T sum_i p_i n_i gamma_i s_i])     (c_d = qjl_scale(d))
 
-Pool tensors, one per layer and per K/V: uint8 (num_slots, num_kv_heads, bytes_per_vector) of that layer's
-VectorLayout. GQA: query head h reads KV head h // (num_q_heads // num_kv_heads).
+Pools, one per layer and per K/V: PackedVectors of that layer's VectorLayout, codes uint8 (num_slots, num_kv_heads,
+code_bytes) and norms (num_slots, num_kv_heads, norms_per_vector) (packed.py). GQA: query head h reads KV head
+h // (num_q_heads // num_kv_heads).
 
 Batch metadata as SGLang's Triton backend passes it:
 
@@ -24,15 +25,14 @@ from __future__ import annotations
 
 import torch
 
+from .packed import PackedVectors
 from .quantizer import TurboQuantizer
 
 
-def _check_pool(name: str, pool: torch.Tensor, qz: TurboQuantizer) -> None:
-    if pool.dtype != torch.uint8 or pool.dim() != 3 or pool.shape[-1] != qz.layout.bytes_per_vector:
-        raise ValueError(
-            f"{name}: expected uint8 (slots, kv_heads, {qz.layout.bytes_per_vector}) for {qz.layout}, "
-            f"got {pool.dtype} {tuple(pool.shape)}"
-        )
+def _check_pool(name: str, pool: PackedVectors, qz: TurboQuantizer) -> None:
+    if not isinstance(pool, PackedVectors):
+        raise TypeError(f"{name}: expected PackedVectors (codes, norms) of {qz.layout}, got {type(pool).__name__}")
+    pool.check(name, qz.layout, dims=2)
 
 
 def _check_indices(name: str, indices: torch.Tensor, num_slots: int) -> None:
@@ -43,8 +43,8 @@ def _check_indices(name: str, indices: torch.Tensor, num_slots: int) -> None:
 
 
 def write_kv(
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
+    k_pool: PackedVectors,
+    v_pool: PackedVectors,
     k: torch.Tensor,
     v: torch.Tensor,
     out_cache_loc: torch.Tensor,
@@ -62,25 +62,26 @@ def write_kv(
     _check_indices("out_cache_loc", out_cache_loc, k_pool.shape[0])
     loc = out_cache_loc.long()
     if k_quantizer is v_quantizer:  # one pass over K and V together: half the calls (quantize is row by row on CPU)
-        packed = k_quantizer.quantize(torch.cat([k, v]))
-        k_packed, v_packed = packed[: k.shape[0]], packed[k.shape[0] :]
+        codes, norms = k_quantizer.quantize(torch.cat([k, v]))
+        t = k.shape[0]
+        k_packed, v_packed = PackedVectors(codes[:t], norms[:t]), PackedVectors(codes[t:], norms[t:])
     else:
         k_packed, v_packed = k_quantizer.quantize(k), v_quantizer.quantize(v)
-    k_pool.index_copy_(0, loc, k_packed)
-    v_pool.index_copy_(0, loc, v_packed)
+    k_pool.index_copy_(loc, k_packed)
+    v_pool.index_copy_(loc, v_packed)
 
 
 def attend_packed(
     q: torch.Tensor,
-    k_packed: torch.Tensor,
-    v_packed: torch.Tensor,
+    k_packed: PackedVectors,
+    v_packed: PackedVectors,
     k_quantizer: TurboQuantizer,
     v_quantizer: TurboQuantizer,
     sm_scale: float,
     logit_cap: float = 0.0,
     causal_offset: int | None = None,
 ) -> torch.Tensor:
-    """One request: q (Lq, Hq, d) over packed k/v (Lk, Hkv, bytes) -> (Lq, Hq, d) float32.
+    """One request: q (Lq, Hq, d) over packed k/v (Lk, Hkv) -> (Lq, Hq, d) float32.
 
     causal_offset = Lk - Lq makes query i see keys < causal_offset + i + 1; None attends to all keys.
     """
@@ -108,8 +109,8 @@ def attend_packed(
     return v_quantizer.unrotate_output(acc, acc_qjl).reshape(lq, hq, d)
 
 
-def packed_scores(q: torch.Tensor, k_packed: torch.Tensor, k_quantizer: TurboQuantizer) -> torch.Tensor:
-    """Raw scores <q, k~> for q (Lq, H, d) and packed keys (Lk, H, bytes), in the rotated domain: (H, Lq, Lk)."""
+def packed_scores(q: torch.Tensor, k_packed: PackedVectors, k_quantizer: TurboQuantizer) -> torch.Tensor:
+    """Raw scores <q, k~> for q (Lq, H, d) and packed keys (Lk, H), in the rotated domain: (H, Lq, Lk)."""
     q_rot, q_qjl = k_quantizer.rotate_query(q)
     k_vals, k_qjl = k_quantizer.rotated(k_packed)
     scores = torch.einsum("qhd,khd->hqk", q_rot, k_vals)
@@ -148,8 +149,8 @@ def _extend_bounds(q: torch.Tensor, qo_indptr: torch.Tensor, kv_indptr: torch.Te
 
 def decode_attention(
     q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
+    k_pool: PackedVectors,
+    v_pool: PackedVectors,
     kv_indptr: torch.Tensor,
     kv_indices: torch.Tensor,
     k_quantizer: TurboQuantizer,
@@ -168,15 +169,21 @@ def decode_attention(
         if slots.numel() == 0:
             continue
         out[b] = attend_packed(
-            q[b : b + 1], k_pool[slots], v_pool[slots], k_quantizer, v_quantizer, sm_scale, logit_cap
+            q[b : b + 1],
+            k_pool.index_select(slots),
+            v_pool.index_select(slots),
+            k_quantizer,
+            v_quantizer,
+            sm_scale,
+            logit_cap,
         )[0].to(q.dtype)
     return out
 
 
 def extend_attention(
     q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
+    k_pool: PackedVectors,
+    v_pool: PackedVectors,
     qo_indptr: torch.Tensor,
     kv_indptr: torch.Tensor,
     kv_indices: torch.Tensor,
@@ -196,8 +203,8 @@ def extend_attention(
         slots = kv_indices[kv[b] : kv[b + 1]].long()
         out[qo[b] : qo[b + 1]] = attend_packed(
             q[qo[b] : qo[b + 1]],
-            k_pool[slots],
-            v_pool[slots],
+            k_pool.index_select(slots),
+            v_pool.index_select(slots),
             k_quantizer,
             v_quantizer,
             sm_scale,

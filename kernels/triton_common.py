@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from .layout import VectorLayout
+from .packed import PackedVectors
 from .quantizer import TurboQuantizer
 
 CODEBOOK_STRIDE = 16  # entries reserved per segment in the codebook and boundary buffers (4 bits at most)
@@ -71,10 +72,7 @@ class RecordTiles:
             f"{prefix}_RAW": int(lay.is_raw),
             f"{prefix}_NSEG": len(self.segments),
             f"{prefix}_PROD": int(lay.variant == "prod" and not lay.is_raw),
-            f"{prefix}_NORM_OFF": lay.norm_offset,
-            f"{prefix}_NORM_BYTES": lay.norm_bytes,
             f"{prefix}_QJL_OFF": lay.qjl_offset,
-            f"{prefix}_RNORM_OFF": lay.rnorm_offset,
             f"{prefix}_U8": d // 8,
             f"{prefix}_UP8": triton.next_power_of_2(d // 8),
         }
@@ -242,30 +240,6 @@ def load_signs(rec, row_mask, QJL_OFF: tl.constexpr, U8: tl.constexpr, UP8: tl.c
 
 
 @triton.jit
-def load_scalar(rec, row_mask, OFF: tl.constexpr, NBYTES: tl.constexpr):
-    """A little-endian float16 (NBYTES 2) or float32 (4) at byte OFF of each record -> (rows,) float32."""
-    b0 = tl.load(rec + OFF, mask=row_mask, other=0).to(tl.uint32)
-    b1 = tl.load(rec + OFF + 1, mask=row_mask, other=0).to(tl.uint32)
-    if NBYTES == 2:
-        return (b0 | (b1 << 8)).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-    else:
-        b2 = tl.load(rec + OFF + 2, mask=row_mask, other=0).to(tl.uint32)
-        b3 = tl.load(rec + OFF + 3, mask=row_mask, other=0).to(tl.uint32)
-        return (b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def store_scalar(rec, row_mask, value, OFF: tl.constexpr, NBYTES: tl.constexpr):
-    """Store (rows,) float32 as little-endian float16 (NBYTES 2, round to nearest even) or float32 at byte OFF."""
-    if NBYTES == 2:
-        bits = value.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
-    else:
-        bits = value.to(tl.uint32, bitcast=True)
-    for i in tl.static_range(NBYTES):
-        tl.store(rec + OFF + i, ((bits >> (8 * i)) & 255).to(tl.uint8), mask=row_mask)
-
-
-@triton.jit
 def pack_plane(values, ROWS: tl.constexpr, BITS: tl.constexpr, PIECES: tl.constexpr, UP: tl.constexpr):
     """Plane values (rows, PIECES * UP) int32 < 2**BITS in tile order -> the plane's bytes (rows, M * UP) int32,
     M = BITS * PIECES / 8: column h * UP + j of the result is byte h * U + j of the plane."""
@@ -310,6 +284,8 @@ def attend_tile(
     accq,
     k_rec,
     v_rec,
+    k_nrm,
+    v_nrm,
     n_mask,
     visible,
     k_cb_ptr,
@@ -321,10 +297,7 @@ def attend_tile(
     K_RAW: tl.constexpr,
     K_NSEG: tl.constexpr,
     K_PROD: tl.constexpr,
-    K_NORM_OFF: tl.constexpr,
-    K_NORM_BYTES: tl.constexpr,
     K_QJL_OFF: tl.constexpr,
-    K_RNORM_OFF: tl.constexpr,
     K_U8: tl.constexpr,
     K_UP8: tl.constexpr,
     K_S0_START: tl.constexpr,
@@ -346,10 +319,7 @@ def attend_tile(
     V_RAW: tl.constexpr,
     V_NSEG: tl.constexpr,
     V_PROD: tl.constexpr,
-    V_NORM_OFF: tl.constexpr,
-    V_NORM_BYTES: tl.constexpr,
     V_QJL_OFF: tl.constexpr,
-    V_RNORM_OFF: tl.constexpr,
     V_U8: tl.constexpr,
     V_UP8: tl.constexpr,
     V_S0_START: tl.constexpr,
@@ -372,10 +342,11 @@ def attend_tile(
     """One step of the online softmax over a tile of BLOCK_N packed keys/values (reference.attend_packed's math).
 
     q0, q1 (rows, W): R q in the tile order of K's segments; qq (rows, 8 * K_UP8): sqrt(pi/2)/d * S R q (prod K).
-    k_rec, v_rec (BLOCK_N,) record pointers, n_mask (BLOCK_N,) which keys exist, visible (rows or 1, BLOCK_N) which
-    a row may see. Returns the updated (m_i, l_i, acc0, acc1, accq); accumulators stay in the rotated domain, scaled
-    by nothing but the softmax weights (the norms are applied to p, not to the value tile: rows x N multiplies, not
-    N x W). Arguments of absent parts (second segment, QJL) are placeholders and come back untouched.
+    k_rec, v_rec (BLOCK_N,) code row pointers, k_nrm, v_nrm (BLOCK_N,) pointers to their norms, n_mask (BLOCK_N,)
+    which keys exist, visible (rows or 1, BLOCK_N) which a row may see. Returns the updated (m_i, l_i, acc0, acc1,
+    accq); accumulators stay in the rotated domain, scaled by nothing but the softmax weights (the norms are applied
+    to p, not to the value tile: rows x N multiplies, not N x W). Arguments of absent parts (second segment, QJL) are
+    placeholders and come back untouched.
     """
     k = load_segment(k_rec, n_mask, k_cb_ptr, 0, K_RAW, K_S0_U, K_S0_UP, K_S0_PIECES, K_S0_BITS, K_S0_A_OFF,
                      K_S0_A_BITS, K_S0_B_OFF)  # fmt: skip
@@ -385,11 +356,11 @@ def attend_tile(
                           K_S1_A_BITS, K_S1_B_OFF)  # fmt: skip
         s += tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
     if not K_RAW:
-        k_norm = load_scalar(k_rec, n_mask, K_NORM_OFF, K_NORM_BYTES)
+        k_norm = tl.load(k_nrm, mask=n_mask, other=0.0).to(tl.float32)
         s = s * k_norm[None, :]
         if K_PROD:
             k_signs = load_signs(k_rec, n_mask, K_QJL_OFF, K_U8, K_UP8)
-            k_gamma = load_scalar(k_rec, n_mask, K_RNORM_OFF, K_NORM_BYTES)
+            k_gamma = tl.load(k_nrm + 1, mask=n_mask, other=0.0).to(tl.float32)
             s += tl.dot(qq, tl.trans(k_signs), input_precision=PRECISION) * (k_norm * k_gamma)[None, :]
     s = s * sm_scale
     if HAS_CAP:
@@ -405,7 +376,7 @@ def attend_tile(
     if V_RAW:
         pv = p
     else:
-        v_norm = load_scalar(v_rec, n_mask, V_NORM_OFF, V_NORM_BYTES)
+        v_norm = tl.load(v_nrm, mask=n_mask, other=0.0).to(tl.float32)
         pv = p * v_norm[None, :]
     acc0 = acc0 * alpha[:, None] + tl.dot(pv, v, input_precision=PRECISION)
     if V_NSEG == 2:
@@ -414,7 +385,7 @@ def attend_tile(
         acc1 = acc1 * alpha[:, None] + tl.dot(pv, v1, input_precision=PRECISION)
     if V_PROD:
         v_signs = load_signs(v_rec, n_mask, V_QJL_OFF, V_U8, V_UP8)
-        v_gamma = load_scalar(v_rec, n_mask, V_RNORM_OFF, V_NORM_BYTES)
+        v_gamma = tl.load(v_nrm + 1, mask=n_mask, other=0.0).to(tl.float32)
         accq = accq * alpha[:, None] + tl.dot(pv * v_gamma[None, :], v_signs, input_precision=PRECISION)
     return m_new, l_i, acc0, acc1, accq
 
@@ -426,15 +397,15 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 DOT_PRECISIONS = ("ieee", "tf32", "tf32x3")
 
 
-def check_pool(name: str, pool: torch.Tensor, layout: VectorLayout, num_kv_heads: int | None = None) -> None:
-    """A pool must be uint8 (slots, kv_heads, bytes_per_vector) with contiguous records."""
-    if pool.dtype != torch.uint8 or pool.dim() != 3 or pool.shape[-1] != layout.bytes_per_vector:
+def check_pool(name: str, pool: PackedVectors, layout: VectorLayout, num_kv_heads: int | None = None) -> None:
+    """A pool must be PackedVectors of `layout`, (slots, kv_heads), each code row and norm pair contiguous."""
+    if not isinstance(pool, PackedVectors):
+        raise TypeError(f"{name}: expected PackedVectors (codes, norms) of {layout}, got {type(pool).__name__}")
+    pool.check(name, layout, dims=2)
+    if pool.codes.stride(-1) != 1 or pool.norms.stride(-1) != 1:
         raise ValueError(
-            f"{name}: expected uint8 (slots, kv_heads, {layout.bytes_per_vector}) for {layout}, "
-            f"got {pool.dtype} {tuple(pool.shape)}"
+            f"{name}: code rows and norms must be contiguous, got strides {pool.codes.stride()}, {pool.norms.stride()}"
         )
-    if pool.stride(-1) != 1:
-        raise ValueError(f"{name}: the bytes of a record must be contiguous, got strides {pool.stride()}")
     if num_kv_heads is not None and pool.shape[1] != num_kv_heads:
         raise ValueError(f"{name} has {pool.shape[1]} KV heads, expected {num_kv_heads}")
 
@@ -490,8 +461,8 @@ class AttentionLaunch:
 
 def prepare_attention(
     q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
+    k_pool: PackedVectors,
+    v_pool: PackedVectors,
     kv_indptr: torch.Tensor,
     kv_indices: torch.Tensor,
     k_quantizer: TurboQuantizer,
@@ -519,7 +490,15 @@ def prepare_attention(
     check_index_tensor("kv_indices", kv_indices)
     if kv_indptr.numel() < 1:
         raise ValueError("kv_indptr must have batch + 1 entries, got an empty tensor")
-    device = check_same_device(q=q, k_pool=k_pool, v_pool=v_pool, kv_indptr=kv_indptr, kv_indices=kv_indices)
+    device = check_same_device(
+        q=q,
+        k_codes=k_pool.codes,
+        k_norms=k_pool.norms,
+        v_codes=v_pool.codes,
+        v_norms=v_pool.norms,
+        kv_indptr=kv_indptr,
+        kv_indices=kv_indices,
+    )
     check_precision(dot_precision)
     if check_indices:
         if bool((kv_indptr[1:] < kv_indptr[:-1]).any()) or int(kv_indptr[0]) < 0:

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .packed import PackedVectors
 from .quantizer import TurboQuantizer
 from .triton_common import (
     attend_tile,
@@ -43,6 +44,8 @@ def _decode_split_kernel(
     qq_ptr,
     k_pool_ptr,
     v_pool_ptr,
+    k_norm_ptr,
+    v_norm_ptr,
     kv_indptr_ptr,
     kv_indices_ptr,
     k_cb_ptr,
@@ -58,6 +61,10 @@ def _decode_split_kernel(
     stride_kp_h,
     stride_vp_s,
     stride_vp_h,
+    stride_kn_s,
+    stride_kn_h,
+    stride_vn_s,
+    stride_vn_h,
     stride_part_b,
     stride_part_h,
     stride_part_s,
@@ -72,10 +79,7 @@ def _decode_split_kernel(
     K_RAW: tl.constexpr,
     K_NSEG: tl.constexpr,
     K_PROD: tl.constexpr,
-    K_NORM_OFF: tl.constexpr,
-    K_NORM_BYTES: tl.constexpr,
     K_QJL_OFF: tl.constexpr,
-    K_RNORM_OFF: tl.constexpr,
     K_U8: tl.constexpr,
     K_UP8: tl.constexpr,
     K_S0_START: tl.constexpr,
@@ -97,10 +101,7 @@ def _decode_split_kernel(
     V_RAW: tl.constexpr,
     V_NSEG: tl.constexpr,
     V_PROD: tl.constexpr,
-    V_NORM_OFF: tl.constexpr,
-    V_NORM_BYTES: tl.constexpr,
     V_QJL_OFF: tl.constexpr,
-    V_RNORM_OFF: tl.constexpr,
     V_U8: tl.constexpr,
     V_UP8: tl.constexpr,
     V_S0_START: tl.constexpr,
@@ -154,11 +155,12 @@ def _decode_split_kernel(
         m_i, l_i, acc0, acc1, accq = attend_tile(
             q0, q1, qq, m_i, l_i, acc0, acc1, accq,
             k_pool_ptr + slot * stride_kp_s + h * stride_kp_h, v_pool_ptr + slot * stride_vp_s + h * stride_vp_h,
+            k_norm_ptr + slot * stride_kn_s + h * stride_kn_h, v_norm_ptr + slot * stride_vn_s + h * stride_vn_h,
             n_mask, n_mask[None, :], k_cb_ptr, v_cb_ptr, sm_scale, logit_cap, HAS_CAP, PRECISION,
-            K_RAW, K_NSEG, K_PROD, K_NORM_OFF, K_NORM_BYTES, K_QJL_OFF, K_RNORM_OFF, K_U8, K_UP8, K_S0_START, K_S0_U,
+            K_RAW, K_NSEG, K_PROD, K_QJL_OFF, K_U8, K_UP8, K_S0_START, K_S0_U,
             K_S0_UP, K_S0_PIECES, K_S0_BITS, K_S0_A_OFF, K_S0_A_BITS, K_S0_B_OFF, K_S1_START, K_S1_U, K_S1_UP,
-            K_S1_PIECES, K_S1_BITS, K_S1_A_OFF, K_S1_A_BITS, K_S1_B_OFF, V_RAW, V_NSEG, V_PROD, V_NORM_OFF,
-            V_NORM_BYTES, V_QJL_OFF, V_RNORM_OFF, V_U8, V_UP8, V_S0_START, V_S0_U, V_S0_UP, V_S0_PIECES, V_S0_BITS,
+            K_S1_PIECES, K_S1_BITS, K_S1_A_OFF, K_S1_A_BITS, K_S1_B_OFF, V_RAW, V_NSEG, V_PROD,
+            V_QJL_OFF, V_U8, V_UP8, V_S0_START, V_S0_U, V_S0_UP, V_S0_PIECES, V_S0_BITS,
             V_S0_A_OFF, V_S0_A_BITS, V_S0_B_OFF, V_S1_START, V_S1_U, V_S1_UP, V_S1_PIECES, V_S1_BITS, V_S1_A_OFF,
             V_S1_A_BITS, V_S1_B_OFF
         )  # fmt: skip
@@ -225,8 +227,8 @@ def default_num_kv_splits(batch: int, num_kv_heads: int, device: torch.device) -
 
 def decode_attention_triton(
     q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
+    k_pool: PackedVectors,
+    v_pool: PackedVectors,
     kv_indptr: torch.Tensor,
     kv_indices: torch.Tensor,
     k_quantizer: TurboQuantizer,
@@ -269,11 +271,12 @@ def decode_attention_triton(
     part = torch.empty(batch, q_heads, splits, width, dtype=torch.float32, device=launch.device)
     lse = torch.empty(batch, q_heads, splits, dtype=torch.float32, device=launch.device)
     _decode_split_kernel[(batch, kv_heads, splits)](
-        launch.q_rot, launch.q_qjl, k_pool, v_pool, kv_indptr, kv_indices,
+        launch.q_rot, launch.q_qjl, k_pool.codes, v_pool.codes, k_pool.norms, v_pool.norms, kv_indptr, kv_indices,
         launch.k_tensors.codebook, launch.v_tensors.codebook, part, lse,
         float(sm_scale), float(logit_cap), splits,
         launch.q_rot.stride(0), launch.q_rot.stride(1),
-        k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
+        k_pool.codes.stride(0), k_pool.codes.stride(1), v_pool.codes.stride(0), v_pool.codes.stride(1),
+        k_pool.norms.stride(0), k_pool.norms.stride(1), v_pool.norms.stride(0), v_pool.norms.stride(1),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         GROUP=launch.group,
         HEAD_DIM=head_dim,

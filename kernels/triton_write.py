@@ -7,7 +7,7 @@ Per row (one token, one KV head) of head_dim d:
     idx_j = #{boundaries < y_j}                 = torch.bucketize(right=False): a tie takes the lower code
     planes, shifts and masks                    pack_plane in tile order (triton_common), stored as uint8
     prod: r = y - c[idx], sign(S r) >= 0 -> 1, gamma = ||r||
-    norm (or n / ||c[idx]|| with norm correction), gamma: little-endian float16/float32 bytes
+    norm (or n / ||c[idx]|| with norm correction), gamma: into the pool's norm array (float16 or float32)
 
 The rotation is computed in the tile order of each segment (columns gathered from R^T), so codes come out in the
 order their planes are packed in and no register ever moves across columns except through the plane reshape.
@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .packed import PackedVectors
 from .quantizer import TurboQuantizer
 from .triton_common import (
     FLOAT_DTYPES,
@@ -33,7 +34,6 @@ from .triton_common import (
     kernel_tensors,
     pack_plane,
     record_tiles,
-    store_scalar,
     tile_channels,
 )
 
@@ -141,6 +141,7 @@ def _store_qjl(
 def _quantize_store(
     x_row,
     rec,
+    nrm,
     row_mask,
     rot_ptr,
     qjl_ptr,
@@ -156,10 +157,7 @@ def _quantize_store(
     RAW: tl.constexpr,
     NSEG: tl.constexpr,
     PROD: tl.constexpr,
-    NORM_OFF: tl.constexpr,
-    NORM_BYTES: tl.constexpr,
     QJL_OFF: tl.constexpr,
-    RNORM_OFF: tl.constexpr,
     U8: tl.constexpr,
     UP8: tl.constexpr,
     S0_START: tl.constexpr,
@@ -179,7 +177,8 @@ def _quantize_store(
     S1_A_BITS: tl.constexpr,
     S1_B_OFF: tl.constexpr,
 ):
-    """Quantize the rows x_row (BLOCK_M,) of one of K/V and store the records at rec (BLOCK_M,)."""
+    """Quantize the rows x_row (BLOCK_M,) of one of K/V; store their code rows at rec (BLOCK_M,) and their norms at
+    nrm (BLOCK_M,) (typed pointers into the pool's norm array: n, then gamma for prod)."""
     if RAW:
         for k0 in range(0, D_PAD, BLOCK_K):
             x, cols = _load_rows(x_row, row_mask, k0, HEAD_DIM, BLOCK_K)
@@ -209,13 +208,14 @@ def _quantize_store(
             c_sq += c_sq1
         if NORM_CORRECTION:
             norm = norm / tl.maximum(tl.sqrt(c_sq), 1e-30)
-        store_scalar(rec, row_mask, norm, NORM_OFF, NORM_BYTES)
+        tl.store(nrm, norm.to(nrm.dtype.element_ty), mask=row_mask)
         if PROD:
             _store_qjl(
                 rec, row_mask, residual, qjl_ptr, HEAD_DIM, BLOCK_M, PRECISION, QJL_CHUNK, QJL_OFF, U8, UP8,
                 S0_U, S0_UP, S0_PIECES,
             )  # fmt: skip
-            store_scalar(rec, row_mask, tl.sqrt(tl.sum(residual * residual, axis=1)), RNORM_OFF, NORM_BYTES)
+            gamma = tl.sqrt(tl.sum(residual * residual, axis=1))
+            tl.store(nrm + 1, gamma.to(nrm.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
@@ -225,6 +225,8 @@ def _write_kv_kernel(
     loc_ptr,
     k_pool_ptr,
     v_pool_ptr,
+    k_norm_ptr,
+    v_norm_ptr,
     k_rot_ptr,
     k_qjl_ptr,
     k_cb_ptr,
@@ -243,6 +245,10 @@ def _write_kv_kernel(
     stride_kp_h,
     stride_vp_s,
     stride_vp_h,
+    stride_kn_s,
+    stride_kn_h,
+    stride_vn_s,
+    stride_vn_h,
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -254,10 +260,7 @@ def _write_kv_kernel(
     K_RAW: tl.constexpr,
     K_NSEG: tl.constexpr,
     K_PROD: tl.constexpr,
-    K_NORM_OFF: tl.constexpr,
-    K_NORM_BYTES: tl.constexpr,
     K_QJL_OFF: tl.constexpr,
-    K_RNORM_OFF: tl.constexpr,
     K_U8: tl.constexpr,
     K_UP8: tl.constexpr,
     K_S0_START: tl.constexpr,
@@ -279,10 +282,7 @@ def _write_kv_kernel(
     V_RAW: tl.constexpr,
     V_NSEG: tl.constexpr,
     V_PROD: tl.constexpr,
-    V_NORM_OFF: tl.constexpr,
-    V_NORM_BYTES: tl.constexpr,
     V_QJL_OFF: tl.constexpr,
-    V_RNORM_OFF: tl.constexpr,
     V_U8: tl.constexpr,
     V_UP8: tl.constexpr,
     V_S0_START: tl.constexpr,
@@ -309,16 +309,18 @@ def _write_kv_kernel(
     head = (rows % num_heads).to(tl.int64)
     slot = tl.load(loc_ptr + tok, mask=row_mask, other=0).to(tl.int64)
     _quantize_store(
-        k_ptr + tok * stride_k_t + head * stride_k_h, k_pool_ptr + slot * stride_kp_s + head * stride_kp_h, row_mask,
+        k_ptr + tok * stride_k_t + head * stride_k_h, k_pool_ptr + slot * stride_kp_s + head * stride_kp_h,
+        k_norm_ptr + slot * stride_kn_s + head * stride_kn_h, row_mask,
         k_rot_ptr, k_qjl_ptr, k_cb_ptr, k_bnd_ptr, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_K, PRECISION, QJL_CHUNK,
-        K_NORM_CORRECTION, K_RAW, K_NSEG, K_PROD, K_NORM_OFF, K_NORM_BYTES, K_QJL_OFF, K_RNORM_OFF, K_U8, K_UP8,
+        K_NORM_CORRECTION, K_RAW, K_NSEG, K_PROD, K_QJL_OFF, K_U8, K_UP8,
         K_S0_START, K_S0_U, K_S0_UP, K_S0_PIECES, K_S0_BITS, K_S0_A_OFF, K_S0_A_BITS, K_S0_B_OFF,
         K_S1_START, K_S1_U, K_S1_UP, K_S1_PIECES, K_S1_BITS, K_S1_A_OFF, K_S1_A_BITS, K_S1_B_OFF,
     )  # fmt: skip
     _quantize_store(
-        v_ptr + tok * stride_v_t + head * stride_v_h, v_pool_ptr + slot * stride_vp_s + head * stride_vp_h, row_mask,
+        v_ptr + tok * stride_v_t + head * stride_v_h, v_pool_ptr + slot * stride_vp_s + head * stride_vp_h,
+        v_norm_ptr + slot * stride_vn_s + head * stride_vn_h, row_mask,
         v_rot_ptr, v_qjl_ptr, v_cb_ptr, v_bnd_ptr, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_K, PRECISION, QJL_CHUNK,
-        V_NORM_CORRECTION, V_RAW, V_NSEG, V_PROD, V_NORM_OFF, V_NORM_BYTES, V_QJL_OFF, V_RNORM_OFF, V_U8, V_UP8,
+        V_NORM_CORRECTION, V_RAW, V_NSEG, V_PROD, V_QJL_OFF, V_U8, V_UP8,
         V_S0_START, V_S0_U, V_S0_UP, V_S0_PIECES, V_S0_BITS, V_S0_A_OFF, V_S0_A_BITS, V_S0_B_OFF,
         V_S1_START, V_S1_U, V_S1_UP, V_S1_PIECES, V_S1_BITS, V_S1_A_OFF, V_S1_A_BITS, V_S1_B_OFF,
     )  # fmt: skip
@@ -338,8 +340,8 @@ def _check_vectors(k: torch.Tensor, v: torch.Tensor, num_kv_heads: int, head_dim
 
 
 def write_kv_triton(
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
+    k_pool: PackedVectors,
+    v_pool: PackedVectors,
     k: torch.Tensor,
     v: torch.Tensor,
     out_cache_loc: torch.Tensor,
@@ -367,7 +369,15 @@ def write_kv_triton(
     check_pool("v_pool", v_pool, v_lay, k_pool.shape[1])
     check_index_tensor("out_cache_loc", out_cache_loc)
     _check_vectors(k, v, k_pool.shape[1], k_lay.head_dim, out_cache_loc.numel())
-    device = check_same_device(k_pool=k_pool, v_pool=v_pool, k=k, v=v, out_cache_loc=out_cache_loc)
+    device = check_same_device(
+        k_codes=k_pool.codes,
+        k_norms=k_pool.norms,
+        v_codes=v_pool.codes,
+        v_norms=v_pool.norms,
+        k=k,
+        v=v,
+        out_cache_loc=out_cache_loc,
+    )
     check_precision(dot_precision)
     check_launch(block_m=block_m, block_k=block_k)
     if check_indices:
@@ -378,10 +388,11 @@ def write_kv_triton(
     d_pad = triton.next_power_of_2(k_lay.head_dim)
     kt, vt = kernel_tensors(k_quantizer, device), kernel_tensors(v_quantizer, device)
     _write_kv_kernel[(triton.cdiv(num_rows, block_m),)](
-        k, v, out_cache_loc, k_pool, v_pool,
+        k, v, out_cache_loc, k_pool.codes, v_pool.codes, k_pool.norms, v_pool.norms,
         kt.rotation, kt.qjl, kt.codebook, kt.boundaries, vt.rotation, vt.qjl, vt.codebook, vt.boundaries,
         num_rows, k.shape[1], k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
+        k_pool.codes.stride(0), k_pool.codes.stride(1), v_pool.codes.stride(0), v_pool.codes.stride(1),
+        k_pool.norms.stride(0), k_pool.norms.stride(1), v_pool.norms.stride(0), v_pool.norms.stride(1),
         HEAD_DIM=k_lay.head_dim,
         D_PAD=d_pad,
         BLOCK_M=block_m,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tq_serve.kernels.layout import VectorLayout
+from tq_serve.kernels.packed import PackedVectors
 from tq_serve.kernels.quantizer import get_quantizer
 from tq_serve.kernels.reference import decode_attention, extend_attention, write_kv
 from tq_serve.kernels.triton_decode import decode_attention_triton
@@ -24,8 +25,8 @@ def _packed(d, k_bits, v_bits, variant, kv_heads, slots, gen, *, k_scale=1.0):
     """A pool of `slots` random packed K/V records and its two quantizers."""
     k_qz = get_quantizer(VectorLayout(head_dim=d, bits=k_bits, variant=variant))
     v_qz = get_quantizer(VectorLayout(head_dim=d, bits=v_bits, variant=variant))
-    k_pool = torch.zeros(slots, kv_heads, k_qz.layout.bytes_per_vector, dtype=torch.uint8)
-    v_pool = torch.zeros(slots, kv_heads, v_qz.layout.bytes_per_vector, dtype=torch.uint8)
+    k_pool = PackedVectors.empty(k_qz.layout, (slots, kv_heads))
+    v_pool = PackedVectors.empty(v_qz.layout, (slots, kv_heads))
     k = torch.randn(slots, kv_heads, d, generator=gen) * k_scale
     v = torch.randn(slots, kv_heads, d, generator=gen)
     write_kv(k_pool, v_pool, k, v, torch.arange(slots), k_qz, v_qz)

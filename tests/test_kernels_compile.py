@@ -24,6 +24,7 @@ import torch
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile as triton_compile
 from tq_serve.kernels.layout import VectorLayout
+from tq_serve.kernels.packed import PackedVectors
 from tq_serve.kernels.quantizer import get_quantizer
 from tq_serve.kernels import triton_decode, triton_extend, triton_write
 
@@ -62,8 +63,8 @@ d, k_bits, k_variant, v_bits, v_variant, group = json.loads(sys.argv[1])
 k_qz = get_quantizer(VectorLayout(head_dim=d, bits=k_bits, variant=k_variant))
 v_qz = get_quantizer(VectorLayout(head_dim=d, bits=v_bits, variant=v_variant))
 heads, slots = 2, 8
-k_pool = torch.zeros(slots, heads, k_qz.layout.bytes_per_vector, dtype=torch.uint8)
-v_pool = torch.zeros(slots, heads, v_qz.layout.bytes_per_vector, dtype=torch.uint8)
+k_pool = PackedVectors.empty(k_qz.layout, (slots, heads))
+v_pool = PackedVectors.empty(v_qz.layout, (slots, heads))
 x = torch.randn(3, heads, d, dtype=torch.bfloat16)
 triton_write.write_kv_triton(k_pool, v_pool, x, x, torch.arange(3), k_qz, v_qz)
 q = torch.randn(2, heads * group, d, dtype=torch.bfloat16)

@@ -25,6 +25,7 @@ import pytest
 import torch
 from tq_serve.kernels.codebook import centroids, coordinate_mse
 from tq_serve.kernels.layout import VectorLayout
+from tq_serve.kernels.packed import PackedVectors
 from tq_serve.kernels.quantizer import get_quantizer
 from tq_serve.kernels.reference import decode_attention, write_kv
 
@@ -53,8 +54,8 @@ def _cosines(bits: int, *, quantize_k: bool = True, quantize_v: bool = True, **s
     raw = get_quantizer(VectorLayout(head_dim=HEAD_DIM, bits=16))
     k_qz, v_qz = (coded if quantize_k else raw), (coded if quantize_v else raw)
     slots = BATCH * CONTEXT
-    k_pool = torch.zeros(slots, KV_HEADS, k_qz.layout.bytes_per_vector, dtype=torch.uint8)
-    v_pool = torch.zeros(slots, KV_HEADS, v_qz.layout.bytes_per_vector, dtype=torch.uint8)
+    k_pool = PackedVectors.empty(k_qz.layout, (slots, KV_HEADS))
+    v_pool = PackedVectors.empty(v_qz.layout, (slots, KV_HEADS))
     flat = (slots, KV_HEADS, HEAD_DIM)
     write_kv(k_pool, v_pool, k.reshape(flat), v.reshape(flat), torch.arange(slots), k_qz, v_qz)
     indptr = torch.arange(0, slots + 1, CONTEXT)

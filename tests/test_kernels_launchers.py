@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tq_serve.kernels.layout import VectorLayout
+from tq_serve.kernels.packed import PackedVectors
 from tq_serve.kernels.quantizer import get_quantizer
 from tq_serve.kernels.triton_common import record_tiles, unsupported_reason
 from tq_serve.kernels.triton_decode import decode_attention_triton
@@ -16,8 +17,8 @@ QZ = get_quantizer(VectorLayout(head_dim=D, bits=4))
 PROD1 = get_quantizer(VectorLayout(head_dim=D, bits=1, variant="prod"))
 
 
-def _pool(qz=QZ, slots: int = SLOTS) -> torch.Tensor:
-    return torch.zeros(slots, HEADS, qz.layout.bytes_per_vector, dtype=torch.uint8)
+def _pool(qz=QZ, slots: int = SLOTS) -> PackedVectors:
+    return PackedVectors.empty(qz.layout, (slots, HEADS))
 
 
 def _write(**over):
@@ -61,8 +62,9 @@ def _extend(**over):
         (dict(out_cache_loc=torch.tensor([0.0, 1.0, 2.0])), ValueError, "int32/int64"),
         (dict(out_cache_loc=torch.tensor([0, 5, SLOTS])), IndexError, "pool has 8 slots"),
         (dict(out_cache_loc=torch.tensor([-1, 5, 7])), IndexError, "pool has 8 slots"),
-        (dict(k_pool=_pool().to(torch.int8)), ValueError, "expected uint8"),
-        (dict(v_pool=_pool(get_quantizer(VectorLayout(head_dim=D, bits=2)))), ValueError, "expected uint8"),
+        (dict(k_pool=PackedVectors(_pool().codes.to(torch.int8), _pool().norms)), ValueError, "expected codes uint8"),
+        (dict(v_pool=_pool(get_quantizer(VectorLayout(head_dim=D, bits=2)))), ValueError, "expected codes uint8"),
+        (dict(v_pool=_pool().codes), TypeError, "expected PackedVectors"),
         (dict(k_pool=_pool(PROD1), k_quantizer=PROD1), ValueError, "torch reference"),
         (dict(block_m=24), ValueError, "power of two"),
         (dict(dot_precision="bf16"), ValueError, "dot_precision"),
@@ -78,7 +80,7 @@ def test_write_rejects_before_touching_the_pool() -> None:
     k_pool = _pool()
     with pytest.raises(IndexError):
         _write(k_pool=k_pool, out_cache_loc=torch.tensor([0, 1, 99]))
-    assert not k_pool.any()
+    assert not k_pool.codes.any() and not k_pool.norms.any()
 
 
 @pytest.mark.parametrize(
@@ -95,7 +97,7 @@ def test_write_rejects_before_touching_the_pool() -> None:
         (dict(kv_indices=torch.tensor([0, -2, 2, 3, 4])), IndexError, "pool has 8 slots"),
         (dict(kv_indices=torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0])), ValueError, "int32/int64"),
         (dict(k_pool=_pool(PROD1), k_quantizer=PROD1), ValueError, "torch reference"),
-        (dict(k_pool=_pool()[:, :1]), ValueError, "KV heads|multiple"),
+        (dict(k_pool=PackedVectors(_pool().codes[:, :1], _pool().norms[:, :1])), ValueError, "KV heads|multiple"),
         (dict(num_kv_splits=0), ValueError, "num_kv_splits"),
         (dict(block_n=8), ValueError, "power of two"),
     ],

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 from tq_serve.kernels.layout import VectorLayout
-from tq_serve.kernels.quantizer import TurboQuantizer, get_quantizer, read_scalar, unpack_plane
+from tq_serve.kernels.packed import PackedVectors
+from tq_serve.kernels.quantizer import TurboQuantizer, get_quantizer, unpack_plane
 from tq_serve.kernels.reference import write_kv
 from tq_serve.kernels.triton_write import write_kv_triton
 
@@ -41,10 +42,10 @@ def _case_id(case) -> str:
     return f"d{d}-k{kb}-v{vb}-{variant}{'-nc' if nc else ''}-{norm}-{str(dtype).split('.')[-1]}"
 
 
-def _compare_records(got: torch.Tensor, want: torch.Tensor, qz: TurboQuantizer) -> None:
+def _compare_records(got: PackedVectors, want: PackedVectors, qz: TurboQuantizer) -> None:
     lay = qz.layout
     if lay.is_raw:
-        assert torch.equal(got, want)
+        assert torch.equal(got.codes, want.codes)
         return
     codes_got, codes_want = qz.codes(got), qz.codes(want)
     diff = (codes_got - codes_want).abs()
@@ -53,17 +54,17 @@ def _compare_records(got: torch.Tensor, want: torch.Tensor, qz: TurboQuantizer) 
     torch.testing.assert_close(qz.norms(got), qz.norms(want), rtol=NORM_RTOL[lay.norm_dtype], atol=0)
     if lay.variant == "prod":
         plane = qz.qjl_plane
-        flips = (unpack_plane(got, plane) != unpack_plane(want, plane)).count_nonzero().item()
-        assert flips <= MAX_SIGN_FLIPS * got.shape[:-1].numel() * lay.head_dim
-        dtype = getattr(torch, lay.norm_dtype)
-        gamma_got, gamma_want = read_scalar(got, lay.rnorm_offset, dtype), read_scalar(want, lay.rnorm_offset, dtype)
-        torch.testing.assert_close(gamma_got, gamma_want, rtol=1e-2, atol=1e-3)
+        flips = (unpack_plane(got.codes, plane) != unpack_plane(want.codes, plane)).count_nonzero().item()
+        assert flips <= MAX_SIGN_FLIPS * got.shape.numel() * lay.head_dim
+        torch.testing.assert_close(qz.residual_norms(got), qz.residual_norms(want), rtol=1e-2, atol=1e-3)
 
 
-def _pools(layout: VectorLayout, slots: int, heads: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _pools(layout: VectorLayout, slots: int, heads: int, gen: torch.Generator) -> tuple[PackedVectors, PackedVectors]:
     # Random bytes, not zeros: slots the kernel must not touch are then checked for stray writes.
-    pool = torch.randint(0, 256, (slots, heads, layout.bytes_per_vector), dtype=torch.uint8, generator=gen)
-    return pool, pool.clone()
+    pool = PackedVectors.empty(layout, (slots, heads))
+    pool.codes.random_(0, 256, generator=gen)
+    pool.norms.uniform_(0.5, 2.0, generator=gen)
+    return pool, PackedVectors(pool.codes.clone(), pool.norms.clone())
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
@@ -85,9 +86,11 @@ def test_write_matches_reference(case) -> None:
 
     untouched = torch.ones(slots, dtype=torch.bool)
     untouched[loc] = False
-    assert torch.equal(k_out[untouched], k_ref[untouched]) and torch.equal(v_out[untouched], v_ref[untouched])
-    _compare_records(k_out[loc], k_ref[loc], k_qz)
-    _compare_records(v_out[loc], v_ref[loc], v_qz)
+    for out, ref in ((k_out, k_ref), (v_out, v_ref)):
+        assert torch.equal(out.codes[untouched], ref.codes[untouched])
+        assert torch.equal(out.norms[untouched], ref.norms[untouched])
+    _compare_records(k_out.index_select(loc), k_ref.index_select(loc), k_qz)
+    _compare_records(v_out.index_select(loc), v_ref.index_select(loc), v_qz)
 
 
 def test_write_codes_exact_at_scale() -> None:
@@ -98,19 +101,19 @@ def test_write_codes_exact_at_scale() -> None:
     qz = get_quantizer(lay)
     tokens, heads = 37, 4
     k = torch.randn(tokens, heads, 128, generator=gen)
-    pools = [torch.zeros(tokens, heads, lay.bytes_per_vector, dtype=torch.uint8) for _ in range(4)]
+    pools = [PackedVectors.empty(lay, (tokens, heads)) for _ in range(4)]
     loc = torch.arange(tokens)
     write_kv(pools[0], pools[1], k, k, loc, qz, qz)
     write_kv_triton(pools[2], pools[3], k, k, loc, qz, qz, block_m=32)
     _compare_records(pools[2], pools[0], qz)
     assert torch.equal(qz.norms(pools[2]), qz.norms(pools[0]))
-    assert torch.equal(pools[2], pools[3])
+    assert torch.equal(pools[2].codes, pools[3].codes) and torch.equal(pools[2].norms, pools[3].norms)
 
 
 def test_write_empty_batch_is_a_no_op() -> None:
     lay = VectorLayout(head_dim=64, bits=4)
     qz = get_quantizer(lay)
-    pool = torch.zeros(4, 1, lay.bytes_per_vector, dtype=torch.uint8)
+    pool = PackedVectors.empty(lay, (4, 1))
     empty = torch.zeros(0, 1, 64)
-    write_kv_triton(pool, pool.clone(), empty, empty, torch.zeros(0, dtype=torch.int64), qz, qz)
-    assert not pool.any()
+    write_kv_triton(pool, PackedVectors.empty(lay, (4, 1)), empty, empty, torch.zeros(0, dtype=torch.int64), qz, qz)
+    assert not pool.codes.any() and not pool.norms.any()

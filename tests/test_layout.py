@@ -12,8 +12,9 @@ def test_bytes_per_vector_at_head_dim_128(bits, nbytes):
 def test_prod_adds_qjl_plane_and_residual_norm():
     lay = VectorLayout(head_dim=128, bits=3, variant="prod")
     assert lay.mse_bits == 2
-    assert (lay.code_bytes, lay.qjl_bytes, lay.bytes_per_vector) == (32, 16, 32 + 16 + 2 + 2)
-    assert VectorLayout(head_dim=128, bits=1, variant="prod").code_bytes == 0
+    assert (lay.plane_bytes, lay.qjl_bytes, lay.code_bytes) == (32, 16, 32 + 16)
+    assert (lay.norms_per_vector, lay.bytes_per_vector) == (2, 32 + 16 + 2 + 2)
+    assert VectorLayout(head_dim=128, bits=1, variant="prod").plane_bytes == 0
 
 
 @pytest.mark.parametrize("head_dim", SUPPORTED_HEAD_DIMS)
@@ -31,8 +32,19 @@ def test_planes_tile_the_code_bytes_and_channels(head_dim, bits):
             shift += plane.bits
         assert shift == seg.bits
         covered += seg.channels
-    assert covered == head_dim and offset == lay.code_bytes
+    assert covered == head_dim and offset == lay.plane_bytes == lay.code_bytes
     assert lay.code_bytes * 8 == bits * head_dim
+
+
+@pytest.mark.parametrize(("bits", "code_bytes"), [(4, 64), (3, 48), (2, 32)])
+def test_code_rows_at_head_dim_128_are_16_byte_aligned_and_apart_from_the_norm(bits, code_bytes):
+    lay = VectorLayout(head_dim=128, bits=bits)
+    assert (lay.code_bytes, lay.code_row_align, lay.norms_per_vector, lay.norm_bytes) == (code_bytes, 16, 1, 2)
+
+
+def test_raw_layout_is_the_bf16_vector_without_a_norm():
+    lay = VectorLayout(head_dim=96, bits=16)
+    assert (lay.code_bytes, lay.norms_per_vector, lay.bytes_per_vector) == (192, 0, 192)
 
 
 def test_fractional_bits_split_channels_in_half():

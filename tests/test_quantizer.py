@@ -6,6 +6,7 @@ import pytest
 import torch
 from tq_serve.kernels.codebook import boundaries
 from tq_serve.kernels.layout import SUPPORTED_HEAD_DIMS, Plane, VectorLayout
+from tq_serve.kernels.packed import PackedVectors
 from tq_serve.kernels.quantizer import get_quantizer, pack_plane, unpack_plane
 from tq_serve.kernels.rotation import qjl_matrix, rotation_matrix
 
@@ -42,7 +43,7 @@ def test_codes_round_trip_through_the_packed_record(head_dim, bits):
     qz = get_quantizer(VectorLayout(head_dim=head_dim, bits=bits))
     x = 3.0 * unit_vectors(64, head_dim)
     packed = qz.quantize(x)
-    assert packed.shape == (64, qz.layout.bytes_per_vector)
+    assert packed.codes.shape == (64, qz.layout.code_bytes) and packed.norms.shape == (64, 1)
     y = x / x.norm(dim=-1, keepdim=True) @ rotation_matrix(head_dim).T
     expected = torch.cat(
         [
@@ -116,8 +117,12 @@ def test_bad_shapes_name_the_expected_shape():
     qz = get_quantizer(VectorLayout(head_dim=128, bits=4))
     with pytest.raises(ValueError, match="expected vectors of head_dim 128, got shape \\(3, 64\\)"):
         qz.quantize(torch.randn(3, 64))
-    with pytest.raises(ValueError, match="expected uint8 records of 66 bytes"):
-        qz.dequantize(torch.zeros(3, 50, dtype=torch.uint8))
+    with pytest.raises(
+        ValueError, match="expected codes uint8 \\(\\.\\.\\., 64\\) and norms float16 \\(\\.\\.\\., 1\\)"
+    ):
+        qz.dequantize(PackedVectors.empty(VectorLayout(head_dim=128, bits=3), (3,)))
+    with pytest.raises(TypeError, match="expected PackedVectors"):
+        qz.dequantize(torch.zeros(3, 66, dtype=torch.uint8))
 
 
 def test_distortion_matches_the_paper_at_head_dim_128(capsys):

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from tq_serve.kernels.layout import VectorLayout
+from tq_serve.kernels.packed import PackedVectors
 from tq_serve.kernels.quantizer import get_quantizer
 from tq_serve.kernels.reference import attend_packed, decode_attention, extend_attention, packed_scores, write_kv
 
@@ -42,20 +43,13 @@ def test_rotated_domain_scores_and_outputs_equal_dequantize_then_attend(head_dim
         torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
 
 
-def make_pool(num_slots, kv_heads, qz):
-    # Unused slots hold float16 NaN norms: any read of a slot outside the batch poisons the output.
-    pool = torch.zeros(num_slots, kv_heads, qz.layout.bytes_per_vector, dtype=torch.uint8)
-    pool[..., qz.layout.norm_offset : qz.layout.norm_offset + 2] = torch.tensor([0xFF, 0x7F], dtype=torch.uint8)
-    return pool
-
-
 @pytest.mark.parametrize(("group", "variant"), [(1, "mse"), (4, "prod"), (8, "mse")])
-def test_decode_and_extend_read_only_their_slots_and_match_per_request_attention(group, variant):
+def test_decode_and_extend_read_only_their_slots_and_match_per_request_attention(group, variant, poisoned_pool):
     gen = torch.Generator().manual_seed(1)
     d, hkv = 64, 2
     kq = get_quantizer(VectorLayout(head_dim=d, bits=4, variant=variant))
     vq = get_quantizer(VectorLayout(head_dim=d, bits=3, variant=variant))
-    k_pool, v_pool = make_pool(200, hkv, kq), make_pool(200, hkv, vq)
+    k_pool, v_pool = poisoned_pool(200, hkv, kq), poisoned_pool(200, hkv, vq)
     lens = [1, 17, 40]
     slots = torch.randperm(200, generator=gen)[: sum(lens)]
     k, v = torch.randn(sum(lens), hkv, d, generator=gen), torch.randn(sum(lens), hkv, d, generator=gen)
@@ -66,25 +60,26 @@ def test_decode_and_extend_read_only_their_slots_and_match_per_request_attention
     assert torch.isfinite(out).all()
     for b in range(3):
         s = slots[kv_indptr[b] : kv_indptr[b + 1]]
-        expected = attend_packed(q[b : b + 1], k_pool[s], v_pool[s], kq, vq, 0.125)[0]
+        expected = attend_packed(q[b : b + 1], k_pool.index_select(s), v_pool.index_select(s), kq, vq, 0.125)[0]
         torch.testing.assert_close(out[b], expected)
     # Extend: the last 1, 5 and 40 tokens of each request are new (all of the third: no prefix).
     qo_indptr = torch.tensor([0, 1, 6, 46])
     qx = torch.randn(46, hkv * group, d, generator=gen)
     out = extend_attention(qx, k_pool, v_pool, qo_indptr, kv_indptr, slots, kq, vq, 0.125)
     assert torch.isfinite(out).all()
-    expected = attend_packed(qx[1:6], k_pool[slots[1:18]], v_pool[slots[1:18]], kq, vq, 0.125, causal_offset=12)
+    k_req, v_req = k_pool.index_select(slots[1:18]), v_pool.index_select(slots[1:18])
+    expected = attend_packed(qx[1:6], k_req, v_req, kq, vq, 0.125, causal_offset=12)
     torch.testing.assert_close(out[1:6], expected)
     # The last new token of a request sees everything; the first sees only its prefix and itself.
-    full = attend_packed(qx[5:6], k_pool[slots[1:18]], v_pool[slots[1:18]], kq, vq, 0.125)
+    full = attend_packed(qx[5:6], k_req, v_req, kq, vq, 0.125)
     torch.testing.assert_close(out[5:6], full)
 
 
-def test_extend_then_decode_equals_one_longer_extend():
+def test_extend_then_decode_equals_one_longer_extend(poisoned_pool):
     """Prefix-cache invariance at the math level: K/V come from the pool, so chunking a prompt changes nothing."""
     gen = torch.Generator().manual_seed(2)
     kq = vq = get_quantizer(VectorLayout(head_dim=128, bits=3))
-    k_pool, v_pool = make_pool(64, 1, kq), make_pool(64, 1, vq)
+    k_pool, v_pool = poisoned_pool(64, 1, kq), poisoned_pool(64, 1, vq)
     k, v, q = (torch.randn(20, n, 128, generator=gen) for n in (1, 1, 4))
     slots = torch.arange(20) * 3
     write_kv(k_pool, v_pool, k, v, slots, kq, vq)
@@ -97,12 +92,15 @@ def test_extend_then_decode_equals_one_longer_extend():
 
 def test_bad_input_is_rejected_with_the_reason():
     kq = get_quantizer(VectorLayout(head_dim=64, bits=4))
-    pool = torch.zeros(10, 2, kq.layout.bytes_per_vector, dtype=torch.uint8)
+    pool = PackedVectors.empty(kq.layout, (10, 2))
     q = torch.randn(1, 4, 64)
     with pytest.raises(IndexError, match="kv_indices holds slots in \\[0, 10\\] but the pool has 10 slots"):
         decode_attention(q, pool, pool, torch.tensor([0, 2]), torch.tensor([0, 10]), kq, kq, 0.1)
-    with pytest.raises(ValueError, match="expected uint8 \\(slots, kv_heads, 34\\)"):
-        decode_attention(q, pool[..., :30], pool, torch.tensor([0, 1]), torch.tensor([0]), kq, kq, 0.1)
+    with pytest.raises(ValueError, match="k_pool: expected codes uint8 \\(slots, kv_heads, 32\\) and norms float16"):
+        short = PackedVectors(pool.codes[..., :30], pool.norms)
+        decode_attention(q, short, pool, torch.tensor([0, 1]), torch.tensor([0]), kq, kq, 0.1)
+    with pytest.raises(TypeError, match="v_pool: expected PackedVectors"):
+        decode_attention(q, pool, pool.codes, torch.tensor([0, 1]), torch.tensor([0]), kq, kq, 0.1)
     with pytest.raises(ValueError, match="query heads \\(3\\) must be a multiple"):
         decode_attention(torch.randn(1, 3, 64), pool, pool, torch.tensor([0, 1]), torch.tensor([0]), kq, kq, 0.1)
     with pytest.raises(ValueError, match="must both be \\(tokens, 2, head_dim\\)"):

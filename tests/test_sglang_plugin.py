@@ -261,17 +261,36 @@ def make_pool(config=SCHEDULE, size=64):
     return pool, layout
 
 
-def test_pool_is_an_mha_pool_of_per_layer_packed_records():
+def test_pool_is_an_mha_pool_of_per_layer_code_rows_and_norms():
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
     pool, layout = make_pool()
     assert isinstance(pool, MHATokenToKVPool)
-    assert [tuple(b.shape) for b in pool.k_buffer] == [(65, HKV, 66), (65, HKV, 50)]
-    assert [tuple(b.shape) for b in pool.v_buffer] == [(65, HKV, 34), (65, HKV, 256)]
+    assert [tuple(b.shape) for b in pool.k_buffer] == [(65, HKV, 64), (65, HKV, 48)]
+    assert [tuple(b.shape) for b in pool.v_buffer] == [(65, HKV, 32), (65, HKV, 256)]
     assert all(b.dtype == torch.uint8 for b in pool.k_buffer + pool.v_buffer)
+    assert [tuple(b.shape) for b in pool.k_norm_buffer + pool.v_norm_buffer] == [(65, HKV, 1)] * 3 + [(65, HKV, 0)]
     k_bytes, v_bytes = pool.get_kv_size_bytes()
     assert k_bytes + v_bytes == (64 + 1) * layout.bytes_per_token  # exactly what capacity charges per slot
-    assert pool.get_key_buffer(1) is pool.k_buffer[1]  # packed records, never a bf16 view
+    keys = pool.get_key_buffer(1)  # packed codes and norms, never a bf16 view
+    assert keys.codes is pool.k_buffer[1] and keys.norms is pool.k_norm_buffer[1]
+    descs = pool._kv_buffer_descs
+    assert sum(d.row_bytes for d in descs) == layout.bytes_per_token  # every byte of a slot is described
+
+
+def test_pool_slot_moves_and_cpu_copies_carry_the_norms():
+    pool, _ = make_pool()
+    torch.manual_seed(1)
+    k, v = torch.randn(2, HKV, D, dtype=torch.bfloat16), torch.randn(2, HKV, D, dtype=torch.bfloat16)
+    pool.set_kv_buffer(SimpleNamespace(layer_id=0), torch.tensor([4, 5]), k, v)
+    before = [b[[4, 5]].clone() for b in pool._all_buffers()]
+    pool.move_kv_cache(torch.tensor([20, 21]), torch.tensor([4, 5]))
+    assert all(torch.equal(b[[20, 21]], w) for b, w in zip(pool._all_buffers(), before, strict=True))
+    saved = pool.get_cpu_copy(torch.tensor([20, 21]))
+    for b in pool._all_buffers():
+        b.zero_()
+    pool.load_cpu_copy(saved, torch.tensor([30, 31]))
+    assert all(torch.equal(b[[30, 31]], w) for b, w in zip(pool._all_buffers(), before, strict=True))
 
 
 def test_pool_write_quantizes_into_exactly_the_given_slots():
@@ -281,12 +300,16 @@ def test_pool_write_quantizes_into_exactly_the_given_slots():
     loc = torch.tensor([9, 3, 40])
     pool.set_kv_buffer(SimpleNamespace(layer_id=1), loc, k, v)
     kq, vq = pool.quantizers(1)
-    assert torch.equal(pool.k_buffer[1][loc], kq.quantize(k))
-    assert torch.equal(pool.v_buffer[1][loc], vq.quantize(v))  # 16 bits: the raw bf16 record
+    k_packed = kq.quantize(k)
+    assert torch.equal(pool.k_buffer[1][loc], k_packed.codes) and torch.equal(
+        pool.k_norm_buffer[1][loc], k_packed.norms
+    )
+    assert torch.equal(pool.v_buffer[1][loc], vq.quantize(v).codes)  # 16 bits: the raw bf16 vector, no norm
     others = torch.ones(65, dtype=torch.bool)
     others[loc] = False
     assert not pool.k_buffer[1][others].any() and not pool.v_buffer[1][others].any()
-    assert not pool.k_buffer[0].any()  # layer 0 untouched
+    assert not pool.k_norm_buffer[1][others].any()
+    assert not pool.k_buffer[0].any() and not pool.k_norm_buffer[0].any()  # layer 0 untouched
 
 
 # -- the attention backend on hand-made batches ---------------------------------------------------------------------
@@ -372,7 +395,7 @@ def test_extend_writes_new_tokens_first_then_attends_through_the_pool():
 
     assert out.shape == (7, HQ * D) and out.dtype == torch.bfloat16
     kq, vq = pool.quantizers(0)
-    assert torch.equal(pool.k_buffer[0][slots_a], kq.quantize(k_all[:8]))  # new tokens were written
+    assert torch.equal(pool.k_buffer[0][slots_a], kq.quantize(k_all[:8]).codes)  # new tokens were written
     k_hat, v_hat = kq.dequantize(kq.quantize(k_all)), vq.dequantize(vq.quantize(v_all))
     q3 = q.view(7, HQ, D)
     expect_a = exact_causal_attention(q3[:3], k_hat[:8], v_hat[:8], prefix_len=5)

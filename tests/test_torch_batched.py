@@ -10,27 +10,17 @@ from tq_serve.kernels.layout import VectorLayout
 from tq_serve.kernels.quantizer import get_quantizer
 
 
-def nan_pool(num_slots, kv_heads, qz):
-    # Slots outside the batch hold NaN norms: reading one poisons that request's output.
-    pool = torch.zeros(num_slots, kv_heads, qz.layout.bytes_per_vector, dtype=torch.uint8)
-    if not qz.layout.is_raw:
-        pool[..., qz.layout.norm_offset : qz.layout.norm_offset + 2] = torch.tensor([0xFF, 0x7F], dtype=torch.uint8)
-    else:
-        pool[:] = 0xFF
-    return pool
-
-
 @pytest.mark.parametrize(
     ("head_dim", "k_bits", "v_bits", "variant", "group", "cap"),
     [(128, 4, 3, "mse", 4, 0.0), (64, 3, 2, "prod", 1, 0.0), (128, 2.5, 16, "mse", 8, 30.0), (80, 3.5, 4, "mse", 2, 0)],
 )
 @pytest.mark.parametrize("max_elements", [torch_batched.MAX_ELEMENTS, 1])
-def test_batched_decode_equals_reference(head_dim, k_bits, v_bits, variant, group, cap, max_elements):
+def test_batched_decode_equals_reference(head_dim, k_bits, v_bits, variant, group, cap, max_elements, poisoned_pool):
     gen = torch.Generator().manual_seed(3)
     hkv, slots_total = 2, 400
     kq = get_quantizer(VectorLayout(head_dim=head_dim, bits=k_bits, variant=variant))
     vq = get_quantizer(VectorLayout(head_dim=head_dim, bits=v_bits, variant=variant))
-    k_pool, v_pool = nan_pool(slots_total, hkv, kq), nan_pool(slots_total, hkv, vq)
+    k_pool, v_pool = poisoned_pool(slots_total, hkv, kq), poisoned_pool(slots_total, hkv, vq)
     lens = [17, 0, 1, 150, 33, 1]  # mixed, an empty request, single-token contexts
     slots = torch.randperm(slots_total, generator=gen)[: sum(lens)]
     reference.write_kv(
@@ -62,13 +52,15 @@ def test_batched_decode_equals_reference(head_dim, k_bits, v_bits, variant, grou
     [(128, 4, 3, "mse", 2, 0.0), (64, 3, 2, "prod", 1, 0.0), (128, 2.5, 16, "mse", 4, 30.0)],
 )
 @pytest.mark.parametrize(("max_elements", "block"), [(torch_batched.MAX_ELEMENTS, torch_batched.EXTEND_BLOCK), (1, 7)])
-def test_batched_extend_equals_reference(head_dim, k_bits, v_bits, variant, group, cap, max_elements, block):
+def test_batched_extend_equals_reference(
+    head_dim, k_bits, v_bits, variant, group, cap, max_elements, block, poisoned_pool
+):
     """Prefill and prefix-cache extends: (cached prefix, new tokens) per request, queries causal over both."""
     gen = torch.Generator().manual_seed(4)
     hkv, slots_total = 2, 500
     kq = get_quantizer(VectorLayout(head_dim=head_dim, bits=k_bits, variant=variant))
     vq = get_quantizer(VectorLayout(head_dim=head_dim, bits=v_bits, variant=variant))
-    k_pool, v_pool = nan_pool(slots_total, hkv, kq), nan_pool(slots_total, hkv, vq)
+    k_pool, v_pool = poisoned_pool(slots_total, hkv, kq), poisoned_pool(slots_total, hkv, vq)
     prefix_new = [(0, 17), (30, 0), (0, 0), (5, 1), (100, 40), (1, 3)]
     lens = [p + n for p, n in prefix_new]
     slots = torch.randperm(slots_total, generator=gen)[: sum(lens)]
@@ -91,9 +83,9 @@ def test_batched_extend_equals_reference(head_dim, k_bits, v_bits, variant, grou
         torch_batched.extend_attention(q, k_pool, v_pool, qo_indptr, bad_kv, slots, kq, vq, 0.1)
 
 
-def test_batched_decode_rejects_what_the_reference_rejects():
+def test_batched_decode_rejects_what_the_reference_rejects(poisoned_pool):
     kq = get_quantizer(VectorLayout(head_dim=64, bits=4))
-    pool = nan_pool(8, 2, kq)
+    pool = poisoned_pool(8, 2, kq)
     q = torch.randn(2, 4, 64)
     with pytest.raises(IndexError, match="pool has 8 slots"):
         torch_batched.decode_attention(q, pool, pool, torch.tensor([0, 1, 2]), torch.tensor([0, 8]), kq, kq, 0.1)
@@ -102,13 +94,13 @@ def test_batched_decode_rejects_what_the_reference_rejects():
 
 
 @pytest.mark.parametrize(("variant", "cap"), [("mse", 0.0), ("prod", 0.0), ("mse", 20.0)])
-def test_a_request_gets_bitwise_the_same_output_alone_and_in_a_batch(variant, cap):
+def test_a_request_gets_bitwise_the_same_output_alone_and_in_a_batch(variant, cap, poisoned_pool):
     """Greedy tokens must not depend on what else is decoded in the same step (prefix-cache/batch invariance)."""
     gen = torch.Generator().manual_seed(5)
     d, hkv, slots_total = 128, 2, 1000
     kq = get_quantizer(VectorLayout(head_dim=d, bits=4, variant=variant))
     vq = get_quantizer(VectorLayout(head_dim=d, bits=3, variant=variant))
-    k_pool, v_pool = nan_pool(slots_total, hkv, kq), nan_pool(slots_total, hkv, vq)
+    k_pool, v_pool = poisoned_pool(slots_total, hkv, kq), poisoned_pool(slots_total, hkv, vq)
     lens = [37, 300, 5, 129, 1, 64, 90, 3, 17, 8, 33, 12, 6, 2, 40, 11]  # 16 requests, as a busy CPU server batches
     slots = torch.randperm(slots_total, generator=gen)[: sum(lens)]
     k, v = (torch.randn(len(slots), hkv, d, generator=gen) for _ in range(2))
@@ -125,14 +117,14 @@ def test_a_request_gets_bitwise_the_same_output_alone_and_in_a_batch(variant, ca
         assert torch.equal(alone[0], batch[b])
 
 
-def test_decode_is_bitwise_the_same_on_one_thread_and_on_torchs_threads(monkeypatch):
+def test_decode_is_bitwise_the_same_on_one_thread_and_on_torchs_threads(monkeypatch, poisoned_pool):
     """A decode step's per-request calls run on one thread (torch_batched._one_thread); the result must not depend
     on that."""
     gen = torch.Generator().manual_seed(8)
     d, hkv, lens = 128, 2, [40, 7, 130, 1, 64]
     kq = get_quantizer(VectorLayout(head_dim=d, bits=4))
     vq = get_quantizer(VectorLayout(head_dim=d, bits=3))
-    k_pool, v_pool = nan_pool(400, hkv, kq), nan_pool(400, hkv, vq)
+    k_pool, v_pool = poisoned_pool(400, hkv, kq), poisoned_pool(400, hkv, vq)
     slots = torch.randperm(400, generator=gen)[: sum(lens)]
     reference.write_kv(
         k_pool, v_pool, *(torch.randn(len(slots), hkv, d, generator=gen) for _ in range(2)), slots, kq, vq
@@ -152,7 +144,7 @@ def test_decode_is_bitwise_the_same_on_one_thread_and_on_torchs_threads(monkeypa
 
 
 @pytest.mark.parametrize(("variant", "cap"), [("mse", 0.0), ("prod", 0.0), ("mse", 20.0)])
-def test_an_extend_is_bitwise_the_same_with_its_prefix_cached_or_computed(variant, cap):
+def test_an_extend_is_bitwise_the_same_with_its_prefix_cached_or_computed(variant, cap, poisoned_pool):
     """A token's output must not depend on how much of its prompt hit the radix cache, on how long the request was
     that computed it, nor on the other requests in the extend batch (tests/test_prefix_invariance.py checks the
     same through the server)."""
@@ -160,7 +152,7 @@ def test_an_extend_is_bitwise_the_same_with_its_prefix_cached_or_computed(varian
     d, hkv, n = 128, 2, 150
     kq = get_quantizer(VectorLayout(head_dim=d, bits=4, variant=variant))
     vq = get_quantizer(VectorLayout(head_dim=d, bits=3, variant=variant))
-    k_pool, v_pool = nan_pool(400, hkv, kq), nan_pool(400, hkv, vq)
+    k_pool, v_pool = poisoned_pool(400, hkv, kq), poisoned_pool(400, hkv, vq)
     slots = torch.randperm(400, generator=gen)[:n]
     k, v = (torch.randn(n, hkv, d, generator=gen) for _ in range(2))
     reference.write_kv(k_pool, v_pool, k, v, slots, kq, vq)

@@ -1,13 +1,19 @@
 """The packed KV pool: SGLang's token-slot pool with TurboQuant records instead of bf16 vectors.
 
-Per layer l, one K and one V tensor, uint8, indexed by token slot exactly like MHATokenToKVPool's buffers:
+Per layer l, K and V code rows and their norms, indexed by token slot exactly like MHATokenToKVPool's buffers:
 
-    k_buffer[l]  (size + page_size, num_kv_heads, K(l).bytes_per_vector)
-    v_buffer[l]  (size + page_size, num_kv_heads, V(l).bytes_per_vector)
+    k_buffer[l]       uint8       (size + page_size, num_kv_heads, K(l).code_bytes)
+    k_norm_buffer[l]  norm dtype  (size + page_size, num_kv_heads, K(l).norms_per_vector)
+    v_buffer[l], v_norm_buffer[l] the same for V(l)
 
-    one record (layer l, slot s, KV head h), e.g. d=128 at 4 bits mse, 66 bytes:
-        | 64 B nibble codes of the 128 rotated coordinates | 2 B fp16 norm |
+    one vector (layer l, slot s, KV head h), e.g. d=128 at 4 bits mse:
+        k_buffer[l][s, h]       64 B nibble codes of the 128 rotated coordinates (rows 16-byte aligned)
+        k_norm_buffer[l][s, h]  one fp16 norm
     (the full byte map of every bits/variant is in tq_serve.kernels.layout)
+
+k_buffer/v_buffer stay lists of per-layer tensors, as SGLang's generic pool code expects; the norms ride along in
+every operation that moves slots (CPU offload on retraction, slot moves), and get_key_buffer returns both as one
+PackedVectors.
 
 K(l), V(l) are the VectorLayouts of the layer's (k_bits, v_bits), so layers of a bit schedule have their own record
 widths; a slot costs KVLayout.bytes_per_token bytes over all layers, which is exactly what the capacity hook charges.
@@ -27,6 +33,7 @@ from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
 from sglang.srt.mem_cache.memory_pool import KvBufferDesc, MHATokenToKVPool, unwrap_write_loc
 
 from tq_serve.kernels.layout import KVLayout
+from tq_serve.kernels.packed import PackedVectors
 from tq_serve.kernels.quantizer import TurboQuantizer, get_quantizer
 
 from .config import TurboQuantConfig
@@ -101,14 +108,10 @@ class TurboQuantKVPool(MHATokenToKVPool):
         rows = self.size + self.page_size
         self.store_dtype = torch.uint8
         with self.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE):
-            self.k_buffer = [
-                torch.zeros((rows, self.head_num, qz.layout.bytes_per_vector), dtype=torch.uint8, device=self.device)
-                for qz in self.k_quantizers
-            ]
-            self.v_buffer = [
-                torch.zeros((rows, self.head_num, qz.layout.bytes_per_vector), dtype=torch.uint8, device=self.device)
-                for qz in self.v_quantizers
-            ]
+            k = [PackedVectors.empty(qz.layout, (rows, self.head_num), self.device) for qz in self.k_quantizers]
+            v = [PackedVectors.empty(qz.layout, (rows, self.head_num), self.device) for qz in self.v_quantizers]
+        self.k_buffer, self.k_norm_buffer = [p.codes for p in k], [p.norms for p in k]
+        self.v_buffer, self.v_norm_buffer = [p.codes for p in v], [p.norms for p in v]
         # Attributes MHATokenToKVPool's readers expect; TurboQuant has no scale or dequant buffers.
         self.k_scale_buffer = self.v_scale_buffer = None
         self.native_k_scale_buffer = self.native_v_scale_buffer = None
@@ -116,19 +119,51 @@ class TurboQuantKVPool(MHATokenToKVPool):
         self._kv_buffer_descs = self._build_kv_buffer_descs()
         self._init_data_ptrs_and_strides()
 
+    def _all_buffers(self) -> list[torch.Tensor]:
+        """Every per-slot tensor, in the order of _build_kv_buffer_descs."""
+        return [*self.k_buffer, *self.v_buffer, *self.k_norm_buffer, *self.v_norm_buffer]
+
     def _build_kv_buffer_descs(self) -> list[KvBufferDesc]:
-        # Per-layer record widths differ under a bit schedule: describe each buffer by its own shape.
+        # Per-layer widths differ under a bit schedule: describe each buffer by its own shape.
+        kinds = [
+            ("k", self.k_buffer),
+            ("v", self.v_buffer),
+            ("k_norm", self.k_norm_buffer),
+            ("v_norm", self.v_norm_buffer),
+        ]
         return [
-            KvBufferDesc(f"{kind}{layer}", buf.shape, row_bytes=buf[0].numel(), tokens_per_row=1)
-            for kind, buffers in (("k", self.k_buffer), ("v", self.v_buffer))
+            KvBufferDesc(f"{kind}{layer}", buf.shape, row_bytes=buf[0].numel() * buf.element_size(), tokens_per_row=1)
+            for kind, buffers in kinds
             for layer, buf in enumerate(buffers)
         ]
 
-    def _get_key_buffer(self, layer_id: int) -> torch.Tensor:
-        return self.k_buffer[layer_id - self.start_layer]
+    def _pd_registerable_tensors(self) -> list[torch.Tensor]:
+        return self._all_buffers()
 
-    def _get_value_buffer(self, layer_id: int) -> torch.Tensor:
-        return self.v_buffer[layer_id - self.start_layer]
+    def get_kv_size_bytes(self) -> tuple[int, int]:
+        k = sum(b.numel() * b.element_size() for b in (*self.k_buffer, *self.k_norm_buffer))
+        v = sum(b.numel() * b.element_size() for b in (*self.v_buffer, *self.v_norm_buffer))
+        return k, v
+
+    def get_cpu_copy(self, indices, mamba_indices=None, req_pool_index=None) -> list[torch.Tensor]:
+        """Every buffer's rows at `indices`, on the CPU (a retracted request's KV, restored by load_cpu_copy)."""
+        return [buf[indices].to("cpu") for buf in self._all_buffers()]
+
+    def load_cpu_copy(self, kv_cache_cpu, indices, mamba_indices=None, req_pool_index=None) -> None:
+        for buf, rows in zip(self._all_buffers(), kv_cache_cpu, strict=True):
+            buf[indices] = rows.to(buf.device)
+
+    def move_kv_cache(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor) -> None:
+        for buf in self._all_buffers():
+            buf[tgt_loc] = buf[src_loc]
+
+    def _get_key_buffer(self, layer_id: int) -> PackedVectors:
+        local = layer_id - self.start_layer
+        return PackedVectors(self.k_buffer[local], self.k_norm_buffer[local])
+
+    def _get_value_buffer(self, layer_id: int) -> PackedVectors:
+        local = layer_id - self.start_layer
+        return PackedVectors(self.v_buffer[local], self.v_norm_buffer[local])
 
     def quantizers(self, layer_id: int) -> tuple[TurboQuantizer, TurboQuantizer]:
         """(K, V) quantizers of model layer `layer_id`."""
@@ -155,8 +190,8 @@ class TurboQuantKVPool(MHATokenToKVPool):
         layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
         local = layer_id - self.start_layer
         self.write_ops[local].write_kv(
-            self.k_buffer[local],
-            self.v_buffer[local],
+            PackedVectors(self.k_buffer[local], self.k_norm_buffer[local]),
+            PackedVectors(self.v_buffer[local], self.v_norm_buffer[local]),
             cache_k,
             cache_v,
             loc,
