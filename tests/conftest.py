@@ -1,5 +1,5 @@
 """Suite-wide set-up. Without a GPU, Triton kernels run under the interpreter: the switch must be set before triton
-is first imported, which is why it lives here and not in the kernel tests."""
+is first imported, which is why it lives here and not in the kernel tests. The caller's TQ_* variables are scrubbed."""
 
 import os
 
@@ -8,6 +8,17 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_tq_environment():
+    """No TQ_* variable of the caller's environment reaches a test: they configure `python -m tq_serve`, and every
+    test that resolves settings or starts a server (e2e, load test, deploy, benchmarks) must run on what it sets
+    itself. Session scope, so that module-scoped server fixtures start after the scrub."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [n for n in os.environ if n.startswith("TQ_")]:
+            patch.delenv(name)
+        yield
 
 
 @pytest.fixture

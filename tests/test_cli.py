@@ -1,7 +1,6 @@
 """`python -m tq_serve` on bad input: one clear line on stderr and a non-zero exit, before SGLang starts."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -9,16 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tq_serve import server
 from tq_serve.__main__ import EXIT_BAD_INPUT, EXIT_CANNOT_START, main
+from tq_serve.sglang_plugin import compat
 
 TINY = {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 256}
-
-
-@pytest.fixture(autouse=True)
-def no_tq_environment(monkeypatch):
-    for name in [n for n in os.environ if n.startswith("TQ_")]:
-        monkeypatch.delenv(name)
 
 
 @pytest.fixture
@@ -71,7 +64,7 @@ def test_unknown_model_as_a_user_sees_it():
 def test_bad_bits(capsys):
     code, _, err = run_main(capsys, "--kv-bits", "5")
     assert code == EXIT_BAD_INPUT
-    assert_one_error_line(err, "--kv-bits", "2, 2.5, 3, 3.5, 4 or 16")
+    assert_one_error_line(err, "--kv-bits", "supported values are 2, 2.5, 3, 3.5, 4 (16: plain SGLang")
 
 
 def test_bits_that_do_not_fit_the_model(capsys, model_dir):
@@ -84,7 +77,7 @@ def test_schedule_layer_count_mismatch(capsys, model_dir, tmp_path):
     (tmp_path / "s.yaml").write_text("- [4, 4]\n" * 32)
     code, _, err = run_main(capsys, "--model", str(model_dir), "--kv-schedule", str(tmp_path / "s.yaml"))
     assert code == EXIT_BAD_INPUT
-    assert_one_error_line(err, "has 32 entries but the model has 4 layers")
+    assert_one_error_line(err, "schedule 's' has 32 layers but the model has 4")
 
 
 def test_port_in_use(capsys, model_dir):
@@ -96,10 +89,10 @@ def test_port_in_use(capsys, model_dir):
 
 
 def test_unsupported_sglang_version(capsys, model_dir, monkeypatch):
-    monkeypatch.setattr(server, "installed_sglang_version", lambda: "0.5.22")
+    monkeypatch.setattr(compat, "installed_sglang_version", lambda: "0.5.22")
     code, _, err = run_main(capsys, "--model", str(model_dir), "--device", "cpu")
     assert code == EXIT_CANNOT_START
-    assert_one_error_line(err, "SGLang 0.5.22 is installed", "supports SGLang 0.5.23 only")
+    assert_one_error_line(err, "SGLang 0.5.22 is installed", "supports sglang==0.5.23 only")
 
 
 def test_dry_run_prints_the_resolved_configuration(capsys, model_dir):
@@ -109,7 +102,8 @@ def test_dry_run_prints_the_resolved_configuration(capsys, model_dir):
     assert 'url: "http://127.0.0.1:30000/v1"' in out and 'attention_backend: "turboquant"' in out
 
 
-def test_bf16_baseline_uses_sglangs_own_backend(capsys, model_dir):
-    code, out, _ = run_main(capsys, "--model", str(model_dir), "--kv-bits", "16", "--device", "cpu", "--dry-run")
+@pytest.mark.parametrize("baseline", [["--kv-cache", "bf16"], ["--kv-bits", "16"]])
+def test_bf16_baseline_uses_sglangs_own_backend(capsys, model_dir, baseline):
+    code, out, _ = run_main(capsys, "--model", str(model_dir), *baseline, "--device", "cpu", "--dry-run")
     assert code == 0
     assert 'kv_cache: "bf16"' in out and 'attention_backend: "torch_native"' in out

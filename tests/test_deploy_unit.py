@@ -14,7 +14,7 @@ from tq_serve.deploy import engine_flags
 from tq_serve.deploy.engine import free_loopback_port
 from tq_serve.deploy.router import PrefixAffinityRouter, prompt_prefix
 from tq_serve.registry import ModelShape, ResolvedModel
-from tq_serve.settings import ServeSettings, resolve
+from tq_serve.settings import ServeSettings, load_settings, resolve
 
 DEPLOYMENT = DeploymentID(name="EngineReplica", app_name="tq_serve")
 
@@ -138,11 +138,10 @@ def test_engine_flags_forward_the_single_server_settings_with_absolute_paths(tmp
     monkeypatch.chdir(tmp_path)
     flags = engine_flags(settings, cfg)
     assert flags[:6] == ["--model", "tq-tiny", "--model-path", str(model_dir), "--device", "cpu"]
-    pairs = dict(zip(flags[6::2], flags[7::2], strict=True))
-    assert pairs["--kv-bits"] == "3" and pairs["--seed"] == "3"
-    assert pairs["--kv-schedule"] == str(tmp_path / "sched.yaml")
+    engine = load_settings(flags)  # as the engine's own `python -m tq_serve` parses them (boolean flags: one word)
+    assert (engine.kv_bits, engine.seed, engine.kv_schedule) == (3, 3, tmp_path / "sched.yaml")
     # The engine gets its own port and key; deployment settings would make it deploy replicas itself.
-    assert not {"--port", "--api-key", "--host", "--replicas", "--ray-address"} & set(pairs)
+    assert not {"--port", "--api-key", "--host", "--replicas", "--ray-address"} & set(flags)
 
 
 def resolve_stub(settings: ServeSettings, model_dir: Path):

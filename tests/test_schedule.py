@@ -168,7 +168,8 @@ def test_budget_exceeded_is_refused(tmp_path) -> None:
     ("text", "match"),
     [
         ("name: [unclosed\nlayer_bits: [[3, 3]]\n", "is not valid YAML"),
-        ("- [3, 3]\n- [4, 4]\n", "expected a mapping with name, model and layer_bits, got list"),
+        ("- [3, 3]\n- [4]\n", r"layer 1: expected \[k_bits, v_bits\]"),
+        ("7\n", "expected a mapping with name, model and layer_bits, got int"),
         ("name: x\nlayer_bits: [[3, 3]]\n", "missing key.*model"),
         ("name: x\nmodel: m\nlayer_bits: [[3, 3]]\nlayers: 1\n", "unknown key.*layers"),
         ("name: x\nmodel: m\nlayer_bits: 3\n", "layer_bits must be a list"),
@@ -182,6 +183,19 @@ def test_corrupt_file_names_the_file(tmp_path, text, match) -> None:
     with pytest.raises(ScheduleError, match=match) as err:
         BitSchedule.load(path)
     assert f"bit schedule {path}" in str(err.value)
+
+
+@pytest.mark.parametrize("text", ["- [3, 2]\n- [16, 4]\n", "layer_bits:\n- [3, '2']\n- ['16', 4]\n"])
+def test_a_file_of_bare_pairs_is_a_schedule_named_after_the_file(tmp_path, text) -> None:
+    (tmp_path / "pairs.yaml").write_text(text)
+    schedule = BitSchedule.load(tmp_path / "pairs.yaml", num_layers=2, variant="prod")
+    assert (schedule.name, schedule.model, schedule.variant) == ("pairs", "", "prod")
+    assert schedule.layer_bits == ((3, 2), (16, 4))
+
+
+def test_a_bare_file_that_names_its_variant_keeps_it(tmp_path) -> None:
+    (tmp_path / "pairs.yaml").write_text("variant: mse\nlayer_bits:\n- [3, 3]\n")
+    assert BitSchedule.load(tmp_path / "pairs.yaml", variant="prod").variant == "mse"
 
 
 def test_unknown_name_lists_known_schedules() -> None:

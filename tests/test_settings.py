@@ -1,30 +1,28 @@
 """Settings: flags > TQ_* variables > YAML preset > defaults; resolution against the model's shape."""
 
+import dataclasses
 import json
-import os
+import logging
+import typing
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from tq_serve.kernels.layout import NORM_DTYPES
+from tq_serve.kernels.rotation import ROTATIONS
 
+from tq_serve.kv_config import TurboQuantConfig
 from tq_serve.registry import ModelRegistry
 from tq_serve.schedule import BitSchedule
 from tq_serve.settings import (
     CPU_DEFAULT_MAX_TOTAL_TOKENS,
     PRESETS_DIR,
     ServeSettings,
-    load_kv_schedule,
     load_settings,
     resolve,
 )
 
 TINY = {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 256}
-
-
-@pytest.fixture(autouse=True)
-def no_tq_environment(monkeypatch):
-    for name in [n for n in os.environ if n.startswith("TQ_")]:
-        monkeypatch.delenv(name)
 
 
 @pytest.fixture
@@ -64,7 +62,7 @@ def test_kv_bits_from_the_command_line(value, parsed):
 
 @pytest.mark.parametrize("value", ["1", "5", "3.2", "x"])
 def test_unsupported_kv_bits_are_rejected(value):
-    with pytest.raises(ValidationError, match="kv_bits"):
+    with pytest.raises(ValidationError, match=r"kv_bits[\s\S]*supported values are 2, 2.5, 3, 3.5, 4 \(16: plain"):
         settings("--kv-bits", value)
 
 
@@ -93,19 +91,27 @@ def test_unknown_key_in_a_preset_is_an_error(tmp_path):
         settings("--config", str(tmp_path / "bad.yaml"))
 
 
-def test_schedule_as_a_list_or_under_layer_bits(tmp_path):
-    (tmp_path / "a.yaml").write_text("- [4, 2]\n- [3.5, '2.5']\n")
-    (tmp_path / "b.yaml").write_text("layer_bits:\n  - [4, 2]\n  - [3.5, 2.5]\n")
-    assert load_kv_schedule(tmp_path / "a.yaml") == load_kv_schedule(tmp_path / "b.yaml") == ((4, 2), (3.5, 2.5))
+def resolve_cpu(model_dir: Path, *argv: str):
+    return resolve(settings("--model", str(model_dir), "--device", "cpu", *argv))
+
+
+def test_schedule_as_a_list_or_under_layer_bits(model_dir, tmp_path):
+    (tmp_path / "a.yaml").write_text("- [4, 2]\n- [3.5, '2.5']\n- [2, 16]\n- [3, 3]\n")
+    (tmp_path / "b.yaml").write_text("layer_bits:\n  - [4, 2]\n  - [3.5, 2.5]\n  - [2, 16]\n  - [3, 3]\n")
+    a = resolve_cpu(model_dir, "--kv-schedule", str(tmp_path / "a.yaml")).kv_cache
+    b = resolve_cpu(model_dir, "--kv-schedule", str(tmp_path / "b.yaml")).kv_cache
+    assert a.layer_bits == b.layer_bits == ((4, 2), (3.5, 2.5), (2, 16), (3, 3))
+    assert (a.schedule.name, a.kv_bits, a.variant) == ("a", None, "mse")
 
 
 @pytest.mark.parametrize(
-    "text, message", [("- [4, 4, 4]\n", "list of \\[k_bits, v_bits\\] pairs"), ("- [4, 7]\n", "unsupported bits 7")]
+    "text, message",
+    [("- [4, 4, 4]\n" * 4, r"layer 0: expected \[k_bits, v_bits\]"), ("- [4, 7]\n" * 4, "unsupported bits 7")],
 )
-def test_malformed_schedules_are_rejected(tmp_path, text, message):
+def test_malformed_schedules_are_rejected(model_dir, tmp_path, text, message):
     (tmp_path / "s.yaml").write_text(text)
     with pytest.raises(ValueError, match=message):
-        load_kv_schedule(tmp_path / "s.yaml")
+        resolve_cpu(model_dir, "--kv-schedule", str(tmp_path / "s.yaml"))
 
 
 def test_resolve_builds_the_packed_layout(model_dir):
@@ -116,16 +122,34 @@ def test_resolve_builds_the_packed_layout(model_dir):
     assert cfg.max_total_tokens == CPU_DEFAULT_MAX_TOTAL_TOKENS
 
 
-def test_sixteen_bits_means_plain_bf16_sglang(model_dir):
-    assert resolve(settings("--model", str(model_dir), "--kv-bits", "16", "--device", "cpu")).kv_layout is None
+def test_kv_cache_bf16_is_plain_sglang(model_dir):
+    cfg = resolve_cpu(model_dir, "--kv-cache", "bf16")
+    assert (cfg.kv_cache, cfg.kv_layout) == (None, None)
+
+
+def test_kv_bits_16_is_an_alias_of_kv_cache_bf16_and_says_so(model_dir, caplog):
+    with caplog.at_level(logging.WARNING, logger="tq_serve.settings"):
+        cfg = resolve_cpu(model_dir, "--kv-bits", "16")
+    assert cfg.kv_cache is None
+    assert "--kv-bits 16 is an alias of --kv-cache bf16" in caplog.text
+
+
+def test_raw_16_bit_layers_of_a_schedule_stay_in_the_turboquant_cache(model_dir, tmp_path):
+    (tmp_path / "s.yaml").write_text("- [16, 16]\n- [4, 4]\n- [4, 4]\n- [16, 4]\n")
+    cfg = resolve_cpu(model_dir, "--kv-schedule", str(tmp_path / "s.yaml"))
+    assert cfg.kv_cache.layer_bits[0] == (16, 16) and cfg.kv_layout.k(0).is_raw
+
+
+@pytest.mark.parametrize("baseline", [["--kv-cache", "bf16"], ["--kv-bits", "16"]])
+def test_a_schedule_with_the_bf16_baseline_is_refused(model_dir, baseline):
+    with pytest.raises(ValueError, match="--kv-schedule configures the TurboQuant cache"):
+        resolve_cpu(model_dir, *baseline, "--kv-schedule", "tq-tiny-3.0")
 
 
 def test_schedule_with_the_wrong_layer_count_names_both_counts(model_dir, tmp_path):
     (tmp_path / "s.yaml").write_text("- [4, 4]\n" * 3)
-    with pytest.raises(
-        ValueError, match=r"bit schedule .*s.yaml does not fit .*: layer_bits has 3 entries .* 4 layers"
-    ):
-        resolve(settings("--model", str(model_dir), "--kv-schedule", str(tmp_path / "s.yaml"), "--device", "cpu"))
+    with pytest.raises(ValueError, match=r"bit schedule .*s.yaml: schedule 's' has 3 layers but the model has 4"):
+        resolve_cpu(model_dir, "--kv-schedule", str(tmp_path / "s.yaml"))
 
 
 def test_a_tuned_schedule_file_sets_layer_bits_and_its_variant(model_dir, tmp_path):
@@ -145,10 +169,10 @@ def test_a_schedule_name_resolves_in_configs_schedules(model_dir, monkeypatch, t
         resolve(settings("--model", str(model_dir), "--kv-schedule", "four", "--device", "cpu"))
 
 
-def test_a_bad_layer_in_a_full_schedule_is_named(tmp_path):
+def test_a_bad_layer_in_a_full_schedule_is_named(model_dir, tmp_path):
     (tmp_path / "s.yaml").write_text("name: s\nmodel: tiny\nlayer_bits:\n- [4, 4]\n- [4, 5]\n")
     with pytest.raises(ValueError, match="layer 1 v_bits"):
-        load_kv_schedule(tmp_path / "s.yaml")
+        resolve_cpu(model_dir, "--kv-schedule", str(tmp_path / "s.yaml"))
 
 
 def test_head_dim_the_kernels_do_not_support_is_named(tmp_path):
@@ -168,3 +192,57 @@ def test_prod_needs_integer_bits(model_dir):
 def test_model_path_points_an_alias_at_local_weights(model_dir):
     cfg = resolve(settings("--model-path", str(model_dir), "--device", "cpu"), ModelRegistry.load())
     assert (cfg.model.name, cfg.model.path) == ("tq-tiny", model_dir.resolve())
+
+
+# -- every option of the KV-cache config is a flag, a TQ_* variable and a preset key ---------------------------------
+
+# (flag arguments, the same as a TQ_* variable and a preset key, the TurboQuantConfig they must produce)
+KV_OPTIONS = [
+    (["--kv-bits", "3"], ("KV_BITS", "3"), TurboQuantConfig(kv_bits=3)),
+    (["--kv-variant", "prod"], ("KV_VARIANT", "prod"), TurboQuantConfig(variant="prod")),
+    (["--kv-rotation", "hadamard"], ("KV_ROTATION", "hadamard"), TurboQuantConfig(rotation="hadamard")),
+    (["--kv-norm-correction"], ("KV_NORM_CORRECTION", "true"), TurboQuantConfig(norm_correction=True)),
+    (["--kv-norm-dtype", "float32"], ("KV_NORM_DTYPE", "float32"), TurboQuantConfig(norm_dtype="float32")),
+    (["--seed", "7"], ("SEED", "7"), TurboQuantConfig(seed=7)),
+    (["--batch-invariant-cpu"], ("BATCH_INVARIANT_CPU", "true"), TurboQuantConfig(batch_invariant_cpu=True)),
+    (["--triton-interpreter"], ("TRITON_INTERPRETER", "true"), TurboQuantConfig(use_triton_interpreter=True)),
+]
+
+
+@pytest.mark.parametrize("flags, env, expected", KV_OPTIONS, ids=[o[0][0] for o in KV_OPTIONS])
+def test_every_kv_option_is_a_flag_a_variable_and_a_preset_key(model_dir, tmp_path, monkeypatch, flags, env, expected):
+    by_flag = resolve_cpu(model_dir, *flags).kv_cache
+    (tmp_path / "p.yaml").write_text(f"{env[0].lower()}: {env[1]}\n")
+    by_preset = resolve_cpu(model_dir, "--config", str(tmp_path / "p.yaml")).kv_cache
+    monkeypatch.setenv(f"TQ_{env[0]}", env[1])
+    by_variable = resolve_cpu(model_dir).kv_cache
+    assert by_flag == by_preset == by_variable == expected
+
+
+def test_the_kv_options_cover_every_field_of_the_config():
+    covered = {name for _, _, config in KV_OPTIONS for name in _changed_fields(config)}
+    assert covered == {f.name for f in dataclasses.fields(TurboQuantConfig)} - {"schedule"}  # --kv-schedule: above
+
+
+def _changed_fields(config: TurboQuantConfig) -> set[str]:
+    default = TurboQuantConfig()
+    return {f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(default, f.name)}
+
+
+def test_the_settings_offer_the_choices_the_kernels_support():
+    fields = ServeSettings.model_fields
+    assert set(typing.get_args(fields["kv_rotation"].annotation)) == set(ROTATIONS)
+    assert set(typing.get_args(fields["kv_norm_dtype"].annotation)) == set(NORM_DTYPES)
+
+
+def test_a_schedule_that_names_its_variant_overrides_kv_variant(model_dir, tmp_path):
+    BitSchedule.uniform(4, 3, model="tiny", name="p", variant="prod").save(tmp_path / "p.yaml")
+    (tmp_path / "plain.yaml").write_text("- [3, 3]\n" * 4)
+    named = resolve_cpu(model_dir, "--kv-schedule", str(tmp_path / "p.yaml"), "--kv-variant", "mse").kv_cache
+    plain = resolve_cpu(model_dir, "--kv-schedule", str(tmp_path / "plain.yaml"), "--kv-variant", "prod").kv_cache
+    assert (named.variant, plain.variant) == ("prod", "prod")
+
+
+def test_triton_interpreter_needs_a_cpu(model_dir):
+    with pytest.raises(ValueError, match="--triton-interpreter runs the Triton kernels on a CPU"):
+        resolve(settings("--model", str(model_dir), "--device", "cuda", "--triton-interpreter"))

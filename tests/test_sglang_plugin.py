@@ -15,6 +15,7 @@ from tq_serve.kernels.layout import KVLayout
 from tq_serve.kernels.quantizer import get_quantizer
 from tq_serve.kernels.reference import attend_packed
 
+from tq_serve.schedule import BitSchedule
 from tq_serve.sglang_plugin.config import ENV_VAR, TurboQuantConfig
 
 if not torch.cuda.is_available():
@@ -51,28 +52,46 @@ def write_tiny_llama_config(path, *, head_dim=128, num_layers=2, num_heads=4, nu
 # -- the config contract --------------------------------------------------------------------------------------------
 
 
+def scheduled(*layer_bits, variant="mse", **options) -> TurboQuantConfig:
+    return TurboQuantConfig(
+        schedule=BitSchedule(name="test", model="tiny", layer_bits=layer_bits, variant=variant), **options
+    )
+
+
 def test_config_defaults_without_the_env_var():
     cfg = TurboQuantConfig.from_env({})
-    assert (cfg.kv_bits, cfg.layer_bits, cfg.variant, cfg.norm_dtype) == (4, None, "mse", "float16")
+    assert (cfg.kv_bits, cfg.schedule, cfg.layer_bits, cfg.variant, cfg.norm_dtype) == (4, None, None, "mse", "float16")
     assert (cfg.seed, cfg.rotation, cfg.norm_correction, cfg.use_triton_interpreter) == (0, "qr", False, False)
     assert cfg.batch_invariant_cpu is False  # oneDNN stays on unless asked: the fast default
 
 
 def test_config_round_trips_through_the_env_var():
-    cfg = TurboQuantConfig(kv_bits=None, layer_bits=((4, 2), (3.5, 16)), variant="mse", seed=7, rotation="hadamard")
+    cfg = scheduled((4, 2), (3.5, 16), seed=7, rotation="hadamard", norm_correction=True, norm_dtype="float32")
     env = cfg.to_env()
     assert list(env) == [ENV_VAR]
-    assert json.loads(env[ENV_VAR])["layer_bits"] == [[4, 2], [3.5, 16]]
+    assert json.loads(env[ENV_VAR])["schedule"]["layer_bits"] == [[4, 2], [3.5, 16]]
     assert TurboQuantConfig.from_env(env) == cfg
+    uniform = TurboQuantConfig(kv_bits=2.5, batch_invariant_cpu=True)
+    assert TurboQuantConfig.from_env(uniform.to_env()) == uniform
 
 
 def test_config_accepts_the_launchers_json():
     text = (
-        '{"kv_bits": 4.0, "layer_bits": null, "variant": "prod", "norm_dtype": "float16", "seed": 0, '
+        '{"kv_bits": 4.0, "schedule": null, "variant": "prod", "norm_dtype": "float16", "seed": 0, '
         '"rotation": "qr", "norm_correction": false, "use_triton_interpreter": false}'
     )
     cfg = TurboQuantConfig.from_env({ENV_VAR: text})
     assert cfg.kv_bits == 4 and cfg.variant == "prod"
+
+
+def test_a_schedule_fixes_the_variant_and_replaces_kv_bits():
+    cfg = scheduled((4, 4), variant="prod")
+    assert (cfg.kv_bits, cfg.variant) == (None, "prod")
+    with pytest.raises(ValueError, match="variant 'mse' contradicts bit schedule 'test'"):
+        TurboQuantConfig(schedule=cfg.schedule, variant="mse")
+
+
+SCHEDULE_JSON = '{"name": "s", "model": "m", "layer_bits": [[4]]}'
 
 
 @pytest.mark.parametrize(
@@ -80,10 +99,14 @@ def test_config_accepts_the_launchers_json():
     [
         ("{not json", "not valid JSON"),
         ('{"kv_bits": 5}', "unsupported bits"),
+        ('{"kv_bits": 16}', "unsupported bits"),  # 16 is the plain-SGLang baseline, which has no config
         ('{"bits": 4}', "unknown keys"),
         ('{"variant": "fast"}', "unsupported variant"),
-        ('{"layer_bits": [[4]]}', "pair"),
-        ('{"kv_bits": null, "layer_bits": null}', "kv_bits or layer_bits"),
+        ('{"rotation": "dct"}', "unsupported rotation"),
+        ('{"norm_dtype": "bfloat16"}', "unsupported norm_dtype"),
+        ('{"seed": -1}', "seed must be an integer"),
+        ('{"schedule": ' + SCHEDULE_JSON + "}", r"layer 0: expected \[k_bits, v_bits\]"),
+        ('{"kv_bits": null, "schedule": null}', "kv_bits or a schedule"),
         ('{"variant": "prod", "norm_correction": true}', "norm_correction"),
     ],
 )
@@ -93,13 +116,13 @@ def test_config_rejects_bad_input_with_a_reason(text, message):
 
 
 def test_layout_follows_the_schedule_and_a_pipeline_slice():
-    cfg = TurboQuantConfig(layer_bits=((4, 4), (3, 2), (2, 2)))
+    cfg = scheduled((4, 4), (3, 2), (2, 2))
     full = cfg.kv_layout(num_layers=3, num_kv_heads=8, head_dim=128)
     assert full.layer_bits == ((4, 4), (3, 2), (2, 2))
     assert full.bytes_per_token == 8 * (66 + 66 + 50 + 34 + 34 + 34)
     stage = cfg.kv_layout(num_layers=3, num_kv_heads=8, head_dim=128, start_layer=1, end_layer=3)
     assert stage.layer_bits == ((3, 2), (2, 2))
-    with pytest.raises(ValueError, match="one pair per layer"):
+    with pytest.raises(ValueError, match="has 3 layers but the model has 4"):
         cfg.kv_layout(num_layers=4, num_kv_heads=8, head_dim=128)
     uniform = TurboQuantConfig(kv_bits=3).kv_layout(num_layers=2, num_kv_heads=1, head_dim=128)
     assert uniform.layer_bits == ((3, 3), (3, 3))
@@ -207,7 +230,7 @@ CAPACITY_CONFIGS = {
     "3-bit": TurboQuantConfig(kv_bits=3),
     "2-bit": TurboQuantConfig(kv_bits=2),
     "4-bit prod": TurboQuantConfig(kv_bits=4, variant="prod"),
-    "schedule": TurboQuantConfig(kv_bits=None, layer_bits=((4, 2), (3, 16))),
+    "schedule": scheduled((4, 2), (3, 16)),
 }
 DESIGN_RATIOS = {"4-bit": 3.9, "3-bit": 5.1, "2-bit": 7.5}  # DESIGN.md section 4, head_dim 128
 
@@ -235,7 +258,7 @@ def test_capacity_hook_passes_other_backends_through(sglang_sizing):
 
 # -- the packed pool ------------------------------------------------------------------------------------------------
 
-SCHEDULE = TurboQuantConfig(kv_bits=None, layer_bits=((4, 2), (3, 16)))
+SCHEDULE = scheduled((4, 2), (3, 16))
 HKV, D = 2, 128
 
 

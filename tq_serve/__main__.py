@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = cfg.summary() | {"attention_backend": server.attention_backend(cfg)}
     if settings.dry_run:
-        print("\n".join(f"{key}: {json.dumps(value)}" for key, value in summary.items()))
+        # The environment entries too: exactly what SGLang's processes would inherit, and the plug-in deserialise.
+        lines = summary | {"sglang_environment": server.sglang_environment(cfg)}
+        print("\n".join(f"{key}: {json.dumps(value)}" for key, value in lines.items()))
         return 0
     try:
         server.preflight(cfg)

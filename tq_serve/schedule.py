@@ -1,7 +1,6 @@
 """Per-layer bit schedules: which (k_bits, v_bits) each layer's KV cache uses, and how to choose them.
 
-A schedule is a YAML file in configs/schedules/ (`layer_bits` is the same list of pairs that a plain
-`--kv-schedule` file holds, so anything that reads pairs reads a schedule too):
+A schedule is a YAML file in configs/schedules/:
 
     name: tq-tiny-3.0
     model: tq-tiny            # the model it was tuned for (an alias or a directory)
@@ -13,6 +12,10 @@ A schedule is a YAML file in configs/schedules/ (`layer_bits` is the same list o
     layer_bits:               # [k_bits, v_bits], layer 0 first
     - [4, 3]
     - [3, 2.5]
+
+A hand-written file may hold just the pairs: a plain list of [k_bits, v_bits], or a mapping with `layer_bits` (and
+optionally `variant`); `BitSchedule.load` names it after the file. Every bits value goes through the one bits parser,
+`kernels.layout.parse_bits`.
 
 Average bits count K and V of every layer alike, 16 for an uncompressed (raw bf16) layer: the same quantity as
 `KVLayout.average_bits`, and the one the budget bounds.
@@ -35,7 +38,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from tq_serve.kernels.layout import VARIANTS, KVLayout
+from tq_serve.kernels.layout import VARIANTS, KVLayout, parse_bits
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEDULES_DIR = REPO_ROOT / "configs" / "schedules"
@@ -49,6 +52,7 @@ _UNITS_PER_BIT = 2
 _BUDGET_SLACK = 1e-9
 
 LayerBits = tuple[tuple[float, float], ...]
+_BARE_KEYS = {"layer_bits", "variant"}  # a hand-written file of pairs; any other key makes it a full schedule
 
 
 class ScheduleError(ValueError):
@@ -58,13 +62,13 @@ class ScheduleError(ValueError):
 def _bits(value: object, where: str, supported: Sequence[float] = SCHEDULE_BITS) -> float:
     """A bits value from YAML or code -> int or float member of `supported`, or a ScheduleError naming `where`."""
     try:
-        bits = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        bits = math.nan
+        bits = parse_bits(value)
+    except ValueError:
+        bits = None
     if isinstance(value, bool) or bits not in supported:
         choices = ", ".join(map(str, supported))
         raise ScheduleError(f"{where}: unsupported bits {value!r}: supported values are {choices}")
-    return int(bits) if bits == int(bits) else bits
+    return bits
 
 
 def average_bits(layer_bits: LayerBits) -> float:
@@ -125,9 +129,10 @@ class BitSchedule:
     def check_layers(self, num_layers: int) -> BitSchedule:
         """Self if it has one pair per model layer, else a ScheduleError naming both counts."""
         if self.num_layers != num_layers:
+            made_for = f" (for model {self.model})" if self.model else ""
             raise ScheduleError(
-                f"schedule {self.name!r} (for model {self.model}) has {self.num_layers} layers but the model has "
-                f"{num_layers}: give one [k_bits, v_bits] per layer"
+                f"schedule {self.name!r}{made_for} has {self.num_layers} layers but the model has {num_layers}: "
+                "give one [k_bits, v_bits] per layer"
             )
         return self
 
@@ -249,10 +254,12 @@ class BitSchedule:
             raise ScheduleError(f"{source}: {err}") from None
 
     @classmethod
-    def load(cls, path_or_name: str | Path, *, num_layers: int | None = None) -> BitSchedule:
+    def load(cls, path_or_name: str | Path, *, num_layers: int | None = None, variant: str = "mse") -> BitSchedule:
         """A schedule file, or the name of one in configs/schedules/ (`tq-tiny-3.0`); checked against num_layers.
 
-        Every failure is a ScheduleError that names the file: missing, unreadable, not YAML, or not a schedule.
+        A file of bare pairs (a list, or a mapping of just `layer_bits` and `variant`) is named after the file, for no
+        model, and gets `variant` unless it names its own. Every failure is a ScheduleError that names the file:
+        missing, unreadable, not YAML, or not a schedule.
         """
         path = resolve_schedule_path(path_or_name)
         try:
@@ -263,6 +270,10 @@ class BitSchedule:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:
             raise ScheduleError(f"bit schedule {path} is not valid YAML: {err}") from None
+        if isinstance(data, list):
+            data = {"layer_bits": data}
+        if isinstance(data, Mapping) and set(data) <= _BARE_KEYS:
+            data = {"name": path.stem, "model": "", "variant": variant, **data}
         schedule = cls.from_dict(data, source=f"bit schedule {path}")
         if num_layers is not None:
             try:

@@ -1,20 +1,21 @@
 """Start SGLang's OpenAI-compatible HTTP server for a resolved `ServeConfig`.
 
 TurboQuant runs as SGLang's attention backend `turboquant` (tq_serve.sglang_plugin, loaded by SGLang through the
-`sglang.srt.plugins` entry point in every process); its frozen config travels in TQ_SGLANG_CONFIG. A config without
-a KV layout (--kv-bits 16) runs plain SGLang with a bf16 KV cache: the baseline the benchmarks compare against.
+`sglang.srt.plugins` entry point in every process). Its config, `cfg.kv_cache`, travels serialised in one
+environment variable (`sglang_environment`) that SGLang's processes inherit. A config without one (`--kv-cache
+bf16`) runs plain SGLang with a bf16 KV cache: the baseline the benchmarks compare against.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from importlib.metadata import PackageNotFoundError, version
 
+from tq_serve.kv_config import ENV_VAR
 from tq_serve.settings import ServeConfig
-from tq_serve.sglang_plugin.config import BACKEND_NAME, TurboQuantConfig
+from tq_serve.sglang_plugin.compat import IncompatibleSGLangError, check_sglang_version
+from tq_serve.sglang_plugin.config import BACKEND_NAME
 
-SUPPORTED_SGLANG = "0.5.23"
 # SGLang's own bf16 attention per device: torch_native is its portable CPU path (intel_amx needs sgl_kernel's CPU
 # build); on CUDA, None lets SGLang pick its default (flashinfer / fa3 / triton by GPU).
 BF16_BACKENDS = {"cpu": "torch_native", "cuda": None}
@@ -22,23 +23,6 @@ BF16_BACKENDS = {"cpu": "torch_native", "cuda": None}
 
 class PreflightError(RuntimeError):
     """This machine cannot start the server (SGLang version, port); the CLI prints the message alone."""
-
-
-def installed_sglang_version() -> str | None:
-    try:
-        return version("sglang")
-    except PackageNotFoundError:
-        return None
-
-
-def check_sglang_version() -> None:
-    installed = installed_sglang_version()
-    if installed != SUPPORTED_SGLANG:
-        found = f"SGLang {installed} is installed" if installed else "SGLang is not installed"
-        raise PreflightError(
-            f"{found}, but tq_serve supports SGLang {SUPPORTED_SGLANG} only (its plug-in hooks SGLang internals): "
-            f"pip install sglang=={SUPPORTED_SGLANG}"
-        )
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -52,20 +36,28 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def preflight(cfg: ServeConfig) -> None:
-    """The checks that are cheap before SGLang's ~30 s start: fail fast, with one message."""
-    check_sglang_version()
+    """The checks that are cheap before SGLang's ~30 s start: fail fast, with one message.
+
+    The version check is the plug-in's own (compat.py), so the CLI and every SGLang process apply one policy; the
+    plain-SGLang baseline is held to it too, since the benchmarks compare the two on one SGLang. The hooked-name
+    check needs sglang imported, which must wait for the CPU set-up: register() runs it in `launch`."""
+    try:
+        check_sglang_version()
+    except IncompatibleSGLangError as err:
+        raise PreflightError(str(err)) from None
     check_port_free(cfg.host, cfg.port)
 
 
-def turboquant_config(cfg: ServeConfig) -> TurboQuantConfig:
-    layout = cfg.kv_layout
-    return TurboQuantConfig(
-        kv_bits=None, layer_bits=layout.layer_bits, variant=layout.variant, norm_dtype=layout.norm_dtype, seed=cfg.seed
-    )
+def sglang_environment(cfg: ServeConfig) -> dict[str, str | None]:
+    """The TurboQuant entries of the environment SGLang's processes start with (None: the variable is removed).
+
+    The plug-in's register() reads exactly this in each process (TurboQuantConfig.from_env); `--dry-run` prints it.
+    """
+    return {ENV_VAR: None} if cfg.kv_cache is None else cfg.kv_cache.to_env()
 
 
 def attention_backend(cfg: ServeConfig) -> str | None:
-    return BACKEND_NAME if cfg.kv_layout is not None else BF16_BACKENDS[cfg.device]
+    return BACKEND_NAME if cfg.kv_cache is not None else BF16_BACKENDS[cfg.device]
 
 
 def server_args(cfg: ServeConfig):
@@ -84,6 +76,7 @@ def server_args(cfg: ServeConfig):
         mem_fraction_static=cfg.mem_fraction_static,
         max_running_requests=cfg.max_running_requests,
         log_level=cfg.log_level,
+        enable_metrics=cfg.enable_metrics,
         # usage.prompt_tokens_details.cached_tokens: radix-cache hits, which clients and the load test can see.
         enable_cache_report=True,
     )
@@ -95,8 +88,11 @@ def prepare_environment(cfg: ServeConfig) -> None:
         from tq_serve.cpu_support import apply_cpu_support
 
         apply_cpu_support()
-    if cfg.kv_layout is not None:
-        os.environ.update(turboquant_config(cfg).to_env())
+    for name, value in sglang_environment(cfg).items():
+        if value is None:
+            os.environ.pop(name, None)  # a stale config in the caller's environment must not reach SGLang
+        else:
+            os.environ[name] = value
 
 
 def launch(cfg: ServeConfig) -> None:
@@ -108,11 +104,21 @@ def launch(cfg: ServeConfig) -> None:
     from sglang.srt.utils import kill_process_tree
 
     load_plugins()
-    if cfg.kv_layout is not None and BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
+    if cfg.kv_cache is not None and BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
         raise PreflightError(
             f"the TurboQuant plug-in did not register attention backend {BACKEND_NAME!r} (see the log above)"
         )
+    check_model_names(cfg)
     try:
         run_server(server_args(cfg))
     finally:
         kill_process_tree(os.getpid(), include_parent=False)
+
+
+def check_model_names(cfg: ServeConfig) -> None:
+    """Answer 404 to OpenAI requests that name another model (SGLang would serve them with this one)."""
+    from sglang.srt.entrypoints.http_server import app
+
+    from tq_serve.model_name_check import ModelNameCheck
+
+    app.add_middleware(ModelNameCheck, served_model_name=cfg.model.name)

@@ -2,34 +2,43 @@
 
 Sources, highest priority first: command-line flags, `TQ_*` environment variables, a YAML preset
 (`--preset NAME` = configs/presets/NAME.yaml, or `--config FILE`; keys are the field names), defaults.
-`resolve` then checks them against the model (registry, bit schedule, packed layout) into a `ServeConfig`.
+`resolve` then checks them against the model (registry, bit schedule, packed layout) into a `ServeConfig`, whose
+`kv_cache` (a TurboQuantConfig, tq_serve/kv_config.py) is what every SGLang process receives.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BeforeValidator, Field, ValidationInfo, field_validator
+from pydantic import Field, PlainValidator, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tq_serve.kernels.layout import KVLayout, parse_bits
+from tq_serve.kernels.layout import RAW_BITS, KVLayout
+from tq_serve.kv_config import TurboQuantConfig, uniform_bits
 from tq_serve.registry import REPO_ROOT, ModelRegistry, ResolvedModel
+from tq_serve.schedule import BitSchedule
+
+logger = logging.getLogger(__name__)
 
 PRESETS_DIR = REPO_ROOT / "configs" / "presets"
-BF16_BITS = 16
 # Without a cap SGLang sizes the KV pool from free host memory on a CPU: gigabytes, and a minute to allocate.
 CPU_DEFAULT_MAX_TOTAL_TOKENS = 65536
 
 
-def _number(value: object) -> object:
-    """CLI and environment values arrive as strings; Literal[2, 2.5, ...] only matches numbers."""
-    if isinstance(value, str):
-        number = float(value)
-        return int(number) if number.is_integer() else number
-    return value
+def _kv_bits(value: object) -> float:
+    """--kv-bits: the TurboQuant bits, or 16, the alias of --kv-cache bf16 (see `resolve`)."""
+    try:
+        return uniform_bits(value)
+    except ValueError:
+        if value in (RAW_BITS, str(RAW_BITS)):
+            return RAW_BITS
+        raise ValueError(
+            f"unsupported bits {value!r}: supported values are 2, 2.5, 3, 3.5, 4 (16: plain SGLang, as --kv-cache bf16)"
+        ) from None
 
 
 class ServeSettings(BaseSettings):
@@ -60,15 +69,32 @@ class ServeSettings(BaseSettings):
     """TCP port of the HTTP server."""
     api_key: str | None = None
     """Require this key as `Authorization: Bearer KEY` on every request."""
-    kv_bits: Annotated[Literal[2, 2.5, 3, 3.5, 4, 16], BeforeValidator(_number)] = 4
-    """Bits per K/V coordinate for every layer; 16 runs plain SGLang with a bf16 KV cache (the baseline)."""
+    kv_cache: Literal["turboquant", "bf16"] = "turboquant"
+    """turboquant: the packed TurboQuant KV cache, set by the --kv-* options below; bf16: plain SGLang with its own
+    bf16 KV cache and attention backend, the baseline (the --kv-* options do not apply)."""
+    kv_bits: Annotated[float, PlainValidator(_kv_bits)] = 4
+    """Bits per K/V coordinate in every layer: 2, 2.5, 3, 3.5 or 4 (prod: 2, 3 or 4). 16 is an alias of --kv-cache bf16
+    (plain SGLang); uncompressed 16-bit layers inside the TurboQuant cache are given by a --kv-schedule."""
     kv_schedule: Path | None = None
-    """Bit schedule: a YAML file or a name in configs/schedules/, one (k_bits, v_bits) pair per layer; replaces
-    --kv-bits (and --kv-variant, when the schedule names its variant)."""
+    """Bit schedule: a YAML file or a name in configs/schedules/, one (k_bits, v_bits) pair per layer (16: a raw
+    bf16 layer); replaces --kv-bits (and --kv-variant, when the schedule names its variant)."""
     kv_variant: Literal["mse", "prod"] = "mse"
     """TurboQuant variant: mse (Lloyd-Max codes) or prod (one bit of QJL residual signs; unbiased dot products)."""
+    kv_rotation: Literal["qr", "hadamard"] = "qr"
+    """Random rotation before quantizing: qr (Haar-random) or hadamard (randomized Walsh-Hadamard; qr is used where
+    head_dim is not a power of two)."""
+    kv_norm_correction: bool = False
+    """Store n / ||c[idx]|| instead of the norm n, so that a reconstructed vector keeps its norm (mse only)."""
+    kv_norm_dtype: Literal["float16", "float32"] = "float16"
+    """Dtype of the stored norms: float16 (2 bytes) or float32 (4 bytes per norm, so fewer tokens fit)."""
     seed: int = Field(0, ge=0)
-    """Seed of the random rotations."""
+    """Seed of the random rotations (and of the QJL matrix for prod)."""
+    batch_invariant_cpu: bool = False
+    """CPU: turn oneDNN off in SGLang's processes, so that a request's greedy tokens do not depend on its batch or on
+    its radix-cache hits (the model's bf16 linears then round each row alike; slower)."""
+    triton_interpreter: bool = False
+    """CPU: run the Triton kernels under the Triton interpreter instead of the torch path (the GPU code path, slowly;
+    for checking it without a GPU)."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """Where to run; auto picks cuda when a GPU is visible, else cpu (SGLang's CPU engine, set up automatically)."""
     max_total_tokens: int | None = Field(None, ge=16)
@@ -79,6 +105,9 @@ class ServeSettings(BaseSettings):
     """Most requests decoded together; default: SGLang's choice."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the server."""
+    enable_metrics: bool = False
+    """Serve Prometheus metrics at /metrics: SGLang's own (sglang:*) and TurboQuant's (tq_kv_*: bits per layer, bytes
+    per token, pool capacity and its bf16 equivalent, slots in use)."""
     dry_run: bool = False
     """Resolve and check everything, print the configuration, and exit without starting the server."""
 
@@ -146,36 +175,6 @@ def _preset_values(preset: str | None, config: Path | None) -> dict:
     return {key.replace("-", "_"): value for key, value in values.items() if key not in ("preset", "config")}
 
 
-def read_kv_schedule(path_or_name: Path | str) -> tuple[tuple[tuple[float, float], ...], str | None]:
-    """Per-layer (k_bits, v_bits) and the variant (None: not given) of a bit schedule.
-
-    `path_or_name` is a YAML file or the name of one in configs/schedules/. The file holds a plain list of
-    [k_bits, v_bits] pairs, a mapping whose `layer_bits` is that list, or a full BitSchedule (name, model,
-    variant, ...), which is validated as such: errors name the layer and the value."""
-    from tq_serve.schedule import BitSchedule, resolve_schedule_path
-
-    path = resolve_schedule_path(path_or_name)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise ValueError(f"cannot read bit schedule {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise ValueError(f"bit schedule {path} is not valid YAML: {err}") from None
-    if isinstance(data, dict) and "name" in data:
-        schedule = BitSchedule.from_dict(data, source=f"bit schedule {path}")
-        return schedule.layer_bits, schedule.variant
-    pairs = data.get("layer_bits") if isinstance(data, dict) else data
-    if not isinstance(pairs, list) or not all(isinstance(p, list | tuple) and len(p) == 2 for p in pairs):
-        raise ValueError(f"bit schedule {path}: expected a list of [k_bits, v_bits] pairs, one per layer")
-    variant = data.get("variant") if isinstance(data, dict) else None
-    return tuple((parse_bits(k), parse_bits(v)) for k, v in pairs), variant
-
-
-def load_kv_schedule(path_or_name: Path | str) -> tuple[tuple[float, float], ...]:
-    """Per-layer (k_bits, v_bits) of a bit schedule (see read_kv_schedule)."""
-    return read_kv_schedule(path_or_name)[0]
-
-
 @dataclass(frozen=True, kw_only=True)
 class ServeConfig:
     """Everything the server needs, checked against the model. Built once by `resolve`, never mutated."""
@@ -185,27 +184,34 @@ class ServeConfig:
     host: str
     port: int
     api_key: str | None
+    kv_cache: TurboQuantConfig | None
+    """The TurboQuant KV cache, as every SGLang process receives it; None runs plain SGLang with a bf16 KV cache."""
     kv_layout: KVLayout | None
-    """The packed TurboQuant layout; None runs plain SGLang with a bf16 KV cache."""
-    seed: int
+    """kv_cache's packed layout for the whole model (what capacity is computed from); None with kv_cache."""
     max_total_tokens: int | None
     mem_fraction_static: float | None
     max_running_requests: int | None
     log_level: str
+    enable_metrics: bool = False
 
     def summary(self) -> dict:
-        layout = self.kv_layout
-        kv = (
-            {"kv_cache": "bf16"}
-            if layout is None
-            else {
+        kv = {"kv_cache": "bf16"}
+        if self.kv_cache is not None:
+            spec, layout = self.kv_cache, self.kv_layout
+            kv = {
                 "kv_cache": "turboquant",
-                "variant": layout.variant,
+                "schedule": None if spec.schedule is None else spec.schedule.name,
+                "variant": spec.variant,
                 "layer_bits": [list(pair) for pair in layout.layer_bits],
+                "rotation": spec.rotation,
+                "norm_correction": spec.norm_correction,
+                "norm_dtype": spec.norm_dtype,
+                "seed": spec.seed,
+                "batch_invariant_cpu": spec.batch_invariant_cpu,
+                "triton_interpreter": spec.use_triton_interpreter,
                 "bytes_per_token": layout.bytes_per_token,
                 "bf16_bytes_per_token": layout.bf16_bytes_per_token,
             }
-        )
         return (
             {"model": self.model.name, "model_path": str(self.model.path), "device": self.device}
             | kv
@@ -216,22 +222,47 @@ class ServeConfig:
         )
 
 
+def kv_cache_config(settings: ServeSettings, num_layers: int) -> TurboQuantConfig | None:
+    """The TurboQuant config the settings ask for (None: plain SGLang), its schedule checked against num_layers."""
+    baseline = settings.kv_cache == "bf16" or settings.kv_bits == RAW_BITS
+    if settings.kv_cache != "bf16" and settings.kv_bits == RAW_BITS:
+        logger.warning(
+            "--kv-bits 16 is an alias of --kv-cache bf16: plain SGLang with its own bf16 KV cache and attention "
+            "backend, no TurboQuant (16-bit layers inside a TurboQuant cache come from a --kv-schedule)"
+        )
+    if baseline:
+        if settings.kv_schedule is not None:
+            raise ValueError(
+                "--kv-schedule configures the TurboQuant cache, but --kv-cache bf16 (or --kv-bits 16) asks for "
+                "plain SGLang: drop one of them"
+            )
+        return None
+    schedule = None
+    if settings.kv_schedule is not None:
+        schedule = BitSchedule.load(settings.kv_schedule, num_layers=num_layers, variant=settings.kv_variant)
+    return TurboQuantConfig(
+        kv_bits=None if schedule else settings.kv_bits,
+        schedule=schedule,
+        variant=None if schedule else settings.kv_variant,
+        rotation=settings.kv_rotation,
+        norm_correction=settings.kv_norm_correction,
+        norm_dtype=settings.kv_norm_dtype,
+        seed=settings.seed,
+        batch_invariant_cpu=settings.batch_invariant_cpu,
+        use_triton_interpreter=settings.triton_interpreter,
+    )
+
+
 def resolve(settings: ServeSettings, registry: ModelRegistry | None = None) -> ServeConfig:
     """Check the settings against the model; a ValueError names what does not fit and the supported values."""
     model = (registry or ModelRegistry.load()).resolve(settings.model, settings.model_path)
     shape = model.shape
-    layer_bits, variant = read_kv_schedule(settings.kv_schedule) if settings.kv_schedule else (None, None)
-    variant = variant or settings.kv_variant  # a schedule that names its variant overrides --kv-variant
+    kv_cache = kv_cache_config(settings, shape.num_layers)
     layout = None
-    if layer_bits is not None or settings.kv_bits != BF16_BITS:
-        layer_bits = layer_bits or ((settings.kv_bits, settings.kv_bits),) * shape.num_layers
+    if kv_cache is not None:
         try:
-            layout = KVLayout(
-                num_layers=shape.num_layers,
-                num_kv_heads=shape.num_kv_heads,
-                head_dim=shape.head_dim,
-                layer_bits=layer_bits,
-                variant=variant,
+            layout = kv_cache.kv_layout(
+                num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim
             )
         except ValueError as err:
             source = f"bit schedule {settings.kv_schedule}" if settings.kv_schedule else f"--kv-bits {settings.kv_bits}"
@@ -244,6 +275,8 @@ def resolve(settings: ServeSettings, registry: ModelRegistry | None = None) -> S
         from tq_serve.cpu_support import detect_device
 
         device = detect_device()
+    if kv_cache is not None and kv_cache.use_triton_interpreter and device != "cpu":
+        raise ValueError("--triton-interpreter runs the Triton kernels on a CPU: use it with --device cpu")
     max_total_tokens = settings.max_total_tokens
     if max_total_tokens is None and device == "cpu" and settings.mem_fraction_static is None:
         max_total_tokens = CPU_DEFAULT_MAX_TOTAL_TOKENS
@@ -253,10 +286,11 @@ def resolve(settings: ServeSettings, registry: ModelRegistry | None = None) -> S
         host=settings.host,
         port=settings.port,
         api_key=settings.api_key,
+        kv_cache=kv_cache,
         kv_layout=layout,
-        seed=settings.seed,
         max_total_tokens=max_total_tokens,
         mem_fraction_static=settings.mem_fraction_static,
         max_running_requests=settings.max_running_requests,
         log_level=settings.log_level,
+        enable_metrics=settings.enable_metrics,
     )

@@ -1,6 +1,6 @@
 """What the serving benchmarks share: start `python -m tq_serve` as a user would, and record where a number came from.
 
-Every benchmark compares TurboQuant against SGLang's bf16 KV cache (`--kv-bits 16`) started the same way, in the
+Every benchmark compares TurboQuant against SGLang's bf16 KV cache (`--kv-cache bf16`) started the same way, in the
 same run, and writes JSON stamped with the versions, the device and the git commit."""
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ START_TIMEOUT_S = 900
 
 @dataclass(frozen=True, kw_only=True)
 class KVSetting:
-    """One KV-cache configuration to serve: bf16 (bits 16), TurboQuant at `bits` with `variant`, or a per-layer
-    bit schedule file (then `bits` is its average and the variant is the schedule's)."""
+    """One KV-cache configuration to serve: plain SGLang's bf16 cache (bits 16), TurboQuant at `bits` with `variant`,
+    or a per-layer bit schedule file (then `bits` is its average and the variant is the schedule's)."""
 
     bits: float
     variant: str = "mse"
@@ -45,7 +45,9 @@ class KVSetting:
     def flags(self) -> list[str]:
         if self.schedule is not None:
             return ["--kv-schedule", str(self.schedule)]
-        return ["--kv-bits", f"{self.bits:g}"] + ([] if self.bits == 16 else ["--kv-variant", self.variant])
+        if self.bits == 16:
+            return ["--kv-cache", "bf16"]
+        return ["--kv-bits", f"{self.bits:g}", "--kv-variant", self.variant]
 
 
 BF16 = KVSetting(bits=16)

@@ -1,6 +1,6 @@
 """Output tokens/s through the server, TurboQuant vs SGLang's bf16 KV cache: `python -m tq_serve.bench serve`.
 
-Each setting gets its own `python -m tq_serve` (bf16 = `--kv-bits 16`: SGLang's own backend, torch_native on a CPU),
+Each setting gets its own `python -m tq_serve` (bf16 = `--kv-cache bf16`: SGLang's own backend, torch_native on a CPU),
 started the same way in the same run. At each concurrency level C, C clients each send requests back to back
 (distinct prompts, greedy, `ignore_eos` so every request decodes exactly --output-tokens); output tokens/s = all
 generated tokens / wall time from the first request to the last reply. One warm-up request precedes the timing.

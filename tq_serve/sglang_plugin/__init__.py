@@ -1,8 +1,8 @@
 """TurboQuant as an SGLang plug-in: attention backend `turboquant` over a packed KV pool.
 
 SGLang loads `register()` through the `sglang.srt.plugins` entry point in every process it starts (launch_server,
-Engine, each scheduler), before it parses its arguments. `register()` reads the frozen config (TQ_SGLANG_CONFIG,
-see config.py), checks that every SGLang name it touches exists (compat.py), then:
+Engine, each scheduler), before it parses its arguments. `register()` deserialises the frozen config the launcher put
+in TQ_SGLANG_CONFIG (config.py), checks the SGLang version and every name it touches (compat.py), then:
 
 - adds the backend name to SGLang's choices and its creator to the attention registry (backend.py);
 - wraps two SGLang functions so that, when turboquant is the backend, capacity is computed from the packed bytes per
@@ -17,12 +17,12 @@ import logging
 import os
 from functools import partial
 
-from .compat import CELL_SIZE_TARGET, POOL_CLASS_TARGET, check_sglang
+from .compat import CELL_SIZE_TARGET, POOL_CLASS_TARGET, POOL_STATS_TARGET, check_sglang
 from .config import BACKEND_NAME, TurboQuantConfig
 
 logger = logging.getLogger(__name__)
 
-_registered = False
+_registered: TurboQuantConfig | None = None
 
 
 def _create_backend(runner):
@@ -31,11 +31,16 @@ def _create_backend(runner):
     return TurboQuantAttnBackend(runner)
 
 
+def registered_config() -> TurboQuantConfig | None:
+    """The config this process's hooks were registered with (None before `register()`): the SGLang process's view."""
+    return _registered
+
+
 def register() -> None:
     """SGLang plug-in entry point. Idempotent. Raises (SGLang logs it) when the config or SGLang does not fit, in which
     case nothing is registered and `--attention-backend turboquant` is not a valid choice."""
     global _registered
-    if _registered:
+    if _registered is not None:
         return
     config = TurboQuantConfig.from_env()
     check_sglang()
@@ -58,5 +63,6 @@ def register() -> None:
     register_attention_backend(BACKEND_NAME)(_create_backend)
     HookRegistry.register(CELL_SIZE_TARGET, partial(hooks.compute_cell_size, config), HookType.AROUND)
     HookRegistry.register(POOL_CLASS_TARGET, partial(hooks.resolve_kv_pool_class, config), HookType.AROUND)
-    _registered = True
+    HookRegistry.register(POOL_STATS_TARGET, hooks.publish_pool_slots, HookType.AFTER)
+    _registered = config
     logger.info("TurboQuant plug-in registered attention backend %r with %s", BACKEND_NAME, config)

@@ -1,18 +1,18 @@
-"""Every SGLang name the plug-in hooks, subclasses or calls, checked at start-up against the installed SGLang.
+"""The SGLang version tq_serve runs on, and every SGLang name the plug-in hooks, subclasses or calls.
 
-SGLang's internals move between releases. Rather than fail deep inside model loading with an AttributeError, the
-plug-in resolves each name below once in `register()` and refuses to run with a message that names the SGLang
-version it supports.
+One policy, applied by the launcher's preflight (server.py) and by the plug-in's register() in every SGLang process:
+any SGLang but SUPPORTED_SGLANG_VERSION is refused. The plug-in subclasses SGLang's KV pool and attention backend and
+reads ForwardBatch fields; a name check cannot see a change in what those names mean, and a KV cache that silently
+reads the wrong records serves plausible garbage. So the pin (also in pyproject.toml) is the contract, and the name
+and signature check below is the diagnosis: it lists what moved, both when the pin is bumped and when an install is
+broken, instead of an AttributeError deep inside model loading.
 """
 
 from __future__ import annotations
 
 import inspect
-import logging
 import pkgutil
 from importlib import metadata
-
-logger = logging.getLogger(__name__)
 
 SUPPORTED_SGLANG_VERSION = "0.5.23"
 
@@ -20,6 +20,8 @@ SUPPORTED_SGLANG_VERSION = "0.5.23"
 # backend is selected.
 POOL_CLASS_TARGET = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._resolve_kv_pool_class"
 CELL_SIZE_TARGET = "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size"
+# Metrics (tq_serve.metrics): called whenever SGLang publishes its pool gauges.
+POOL_STATS_TARGET = "sglang.srt.managers.scheduler_components.pool_stats_observer.PoolStats.update_scheduler_stats"
 
 HOOKED_NAMES = (
     # registration
@@ -32,6 +34,7 @@ HOOKED_NAMES = (
     # pool class and capacity
     POOL_CLASS_TARGET,
     CELL_SIZE_TARGET,
+    POOL_STATS_TARGET,
     "sglang.srt.runtime_context.get_parallel",
     # the packed pool subclasses MHATokenToKVPool and overrides these
     "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool",
@@ -57,6 +60,7 @@ HOOKED_NAMES = (
 HOOKED_SIGNATURES = {
     POOL_CLASS_TARGET: ("self", "kind", "default"),
     CELL_SIZE_TARGET: ("self", "kvc", "num_layers"),
+    POOL_STATS_TARGET: ("self", "stats"),
 }
 
 
@@ -95,24 +99,30 @@ def changed_signatures(signatures: dict[str, tuple[str, ...]] = HOOKED_SIGNATURE
     return changed
 
 
+def check_sglang_version(installed: str | None = None) -> None:
+    """Raise IncompatibleSGLangError unless SGLang SUPPORTED_SGLANG_VERSION is installed. Reads package metadata only:
+    the launcher calls it before it imports sglang (which must come after the CPU set-up)."""
+    installed = installed_sglang_version() if installed is None else installed
+    if installed != SUPPORTED_SGLANG_VERSION:
+        found = f"SGLang {installed} is installed" if installed else "SGLang is not installed"
+        raise IncompatibleSGLangError(
+            f"{found}, but tq_serve supports sglang=={SUPPORTED_SGLANG_VERSION} only (its plug-in hooks SGLang "
+            f"internals): pip install sglang=={SUPPORTED_SGLANG_VERSION}"
+        )
+
+
 def check_sglang(
     names: tuple[str, ...] = HOOKED_NAMES, signatures: dict[str, tuple[str, ...]] = HOOKED_SIGNATURES
 ) -> None:
-    """Raise IncompatibleSGLangError naming the supported version when a hooked name is gone or changed."""
-    installed = installed_sglang_version()
+    """Raise IncompatibleSGLangError naming the supported version when the installed SGLang is another version, or a
+    hooked name is gone or changed (imports the hooked SGLang modules)."""
+    check_sglang_version()
     problems = [f"missing: {name}" for name in missing_names(names)]
     problems += [f"changed: {change}" for change in changed_signatures(signatures)]
     if problems:
         listing = "\n  ".join(problems)
         raise IncompatibleSGLangError(
             f"tq_serve's TurboQuant plug-in supports sglang=={SUPPORTED_SGLANG_VERSION}, but the installed sglang "
-            f"({installed or 'not installed'}) differs in {len(problems)} name(s) it hooks:\n  {listing}\n"
-            f"Install the supported version: pip install sglang=={SUPPORTED_SGLANG_VERSION}"
-        )
-    if installed != SUPPORTED_SGLANG_VERSION:
-        logger.warning(
-            "tq_serve's TurboQuant plug-in is tested with sglang==%s; sglang %s is installed (every hooked name "
-            "resolves, so it will try)",
-            SUPPORTED_SGLANG_VERSION,
-            installed,
+            f"differs in {len(problems)} name(s) it hooks:\n  {listing}\n"
+            f"Reinstall the supported version: pip install --force-reinstall sglang=={SUPPORTED_SGLANG_VERSION}"
         )
