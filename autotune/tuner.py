@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch
 from ..kernels import reference
 from ..kernels.layout import VectorLayout
 from ..kernels.quantizer import get_quantizer
+from .provenance import git_commit
 from .spaces import candidates, default_config
 from .store import CONFIG_DIR, TuningKey, save
 
@@ -130,14 +130,6 @@ def make_case(key: TuningKey, size: str, device: torch.device) -> Case:
     raise ValueError(f"unknown kernel {key.kernel!r}")
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def tune(
     key: TuningKey,
     *,
@@ -177,7 +169,7 @@ def tune(
         "triton": key.triton,
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": _git_commit(),
+        "commit": git_commit(),
         "shape": SHAPES[size],
         "candidates": len(configs),
         "skipped": skipped,

@@ -29,7 +29,8 @@ and end) is written to DIR/run.json; loadtest/summarize.py computes exact percen
 histogram rounds to 2 significant digits). Keep to one locust process (no --processes): the records are per process.
 
 This file runs only inside locust's own process: gevent monkey-patches the standard library, which breaks ssl when
-mixed with ray or requests imported before it (DESIGN.md section 1). Nothing under tq_serve/ or tests/ imports it.
+mixed with ray or requests imported before it (docs/ARCHITECTURE.md section 1). Nothing under tq_serve/ or tests/
+imports it.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ import json
 import logging
 import platform
 import random
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -51,6 +51,7 @@ import requests
 from locust import User, events, task
 from locust.exception import CatchResponseError, StopUser
 from loopback import is_loopback
+from tq_serve.autotune.provenance import git_commit  # standard library only: safe beside gevent
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_HOST = "http://127.0.0.1:30000"
@@ -204,15 +205,6 @@ class Profile:
         )
 
 
-def _checkout_commit() -> str | None:
-    """The commit of this checkout, so that a saved summary says which code produced it (None outside git)."""
-    try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
-    except OSError:
-        return None
-    return done.stdout.strip() or None
-
-
 # ---- the run: set-up, bounds, records ------------------------------------------------------------------------------
 
 
@@ -261,7 +253,7 @@ class Run:
             "run_time_s": self.options.run_time,
             **{key: getattr(self.options, key) for key in keys},
             "server": asdict(self.facts) if self.facts else None,
-            "client": {"locust": locust.__version__, "commit": _checkout_commit(), "python": platform.python_version()},
+            "client": {"locust": locust.__version__, "commit": git_commit(), "python": platform.python_version()},
         }
 
     def take_request(self) -> bool:

@@ -27,7 +27,7 @@ def test_bf16_capacity_is_sglangs_cell_size():
 def test_settings_skip_prod_at_fractional_bits():
     assert [s.name for s in kv_settings(["2.5", "3"], ["mse", "prod"])] == ["bf16", "tq2.5-mse", "tq3-mse", "tq3-prod"]
     assert KVSetting(bits=3.5).flags() == ["--kv-bits", "3.5", "--kv-variant", "mse"]
-    assert BF16.flags() == ["--kv-bits", "16"]
+    assert BF16.flags() == ["--kv-cache", "bf16"]
 
 
 def test_capacity_command_writes_json_with_versions_and_commit(tmp_path, capsys):

@@ -1,22 +1,19 @@
 """End to end on Ray Serve: `python -m tq_serve --preset replicas-cpu` (2 replicas of the bundled model on a private
 local Ray) as a user starts it, one deployment for the module. The tests run in file order: the last one kills an
-engine, and the teardown checks that SIGTERM leaves no process behind. TQ_* variables of the caller's environment
-reach the server (TQ_MODEL_PATH=DIR serves other weights as tq-tiny)."""
+engine, and the teardown checks that SIGTERM leaves no process behind. The caller's TQ_* variables do not reach the
+server (tests/conftest.py)."""
 
 import json
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import psutil
 import pytest
+
+from tq_serve.bench.harness import ServerProcess, server_process
 
 pytestmark = [pytest.mark.ray, pytest.mark.sglang, pytest.mark.slow]
 
@@ -29,11 +26,8 @@ REPLICA_HEADER = "x-tq-replica"
 SHARED_PREFIX = "".join(f"def helper_{i}(values):\n    return sorted(values)[{i}]\n\n" for i in range(12))
 
 
-@dataclass
-class Deployment:
-    url: str
-    proc: subprocess.Popen
-    log: Path
+class Deployment(ServerProcess):
+    """The deployment's `python -m tq_serve` (harness.server_process), with the requests the tests send it."""
 
     @property
     def headers(self) -> dict[str, str]:
@@ -44,10 +38,7 @@ class Deployment:
         return httpx.post(f"{self.url}/v1/completions", json=body, headers=self.headers, timeout=timeout)
 
     def health(self) -> dict:
-        try:
-            return httpx.get(f"{self.url}/health", timeout=10).json()
-        except (httpx.HTTPError, ValueError):
-            return {}
+        return _health(self.url)
 
     def engines(self) -> list[psutil.Process]:
         """The engines' `python -m tq_serve` processes: descendants of the server that serve one port each."""
@@ -62,11 +53,6 @@ class Deployment:
         return found
 
 
-def _free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as s:
-        return s.getsockname()[1]
-
-
 def _wait(condition, timeout_s: float, what: str, deployment: Deployment) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -78,37 +64,35 @@ def _wait(condition, timeout_s: float, what: str, deployment: Deployment) -> Non
     pytest.fail(f"{what} not within {timeout_s} s:\n{deployment.log.read_text()[-6000:]}")
 
 
-def _running(deployment: Deployment) -> int:
-    return deployment.health().get("replicas", {}).get("RUNNING", 0)
+def _health(url: str) -> dict:
+    try:
+        return httpx.get(f"{url}/health", timeout=10).json()
+    except (httpx.HTTPError, ValueError):
+        return {}
+
+
+def _running(url: str) -> int:
+    return _health(url).get("replicas", {}).get("RUNNING", 0)
 
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory) -> Iterator[Deployment]:
+    flags = ["--preset", "replicas-cpu", "--api-key", API_KEY]
     log = tmp_path_factory.mktemp("deploy") / "server.log"
-    port = _free_port()
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tq_serve", "--preset", "replicas-cpu", "--port", str(port), "--api-key", API_KEY],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    d = Deployment(url=f"http://127.0.0.1:{port}", proc=proc, log=log)
-    try:
-        _wait(lambda: _running(d) == 2, START_TIMEOUT_S, "2 running replicas", d)
+    with server_process(
+        flags,
+        log,
+        ready=lambda url: _running(url) == 2,
+        start_timeout_s=START_TIMEOUT_S,
+        stop_timeout_s=SHUTDOWN_TIMEOUT_S,  # SIGTERM first: a SIGKILL-ed server would leave its private Ray running
+    ) as server:
+        d = Deployment(url=server.url, proc=server.proc, log=server.log)
         yield d
-        descendants = psutil.Process(proc.pid).children(recursive=True)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=SHUTDOWN_TIMEOUT_S) == 0, log.read_text()[-6000:]
+        descendants = psutil.Process(d.proc.pid).children(recursive=True)
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(timeout=SHUTDOWN_TIMEOUT_S) == 0, d.log_tail(6000)
         _, alive = psutil.wait_procs(descendants, timeout=30)
         assert not alive, f"left behind: {[p.pid for p in alive]}"
-    finally:
-        # SIGTERM first: a SIGKILL-ed server would leave its private Ray running.
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=SHUTDOWN_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 def _replica_of(deployment: Deployment, prompts: list[str]) -> dict[str, str]:
@@ -216,6 +200,6 @@ def test_killing_an_engine_fails_its_requests_only_and_ray_replaces_it(deploymen
     orphan = next(p for p in prompts if home[p] == dead)
     _wait(lambda: _succeeds(deployment, orphan), 60, "a request after the kill to succeed", deployment)
     # Ray replaces the replica; the new one serves under a new id.
-    _wait(lambda: _running(deployment) == 2, START_TIMEOUT_S, "the replaced replica running", deployment)
+    _wait(lambda: _running(deployment.url) == 2, START_TIMEOUT_S, "the replaced replica running", deployment)
     after = set(_replica_of(deployment, DISTINCT).values())
     assert len(after) == 2 and dead not in after and len(after - before) == 1

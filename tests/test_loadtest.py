@@ -1,69 +1,35 @@
 """The load test against the real server: `python -m tq_serve` (TurboQuant KV cache, bundled model) on a free
 loopback port, once for the module, then a short headless locust run of each workload through loadtest/run.py.
 
-Sizes are small so that the four runs fit in a few minutes on a shared 2-core CPU; TQ_* variables of the caller's
-environment reach the server (TQ_KV_BITS=16 loads plain SGLang instead); LOADTEST_DURATION sets each run's length.
-Locust runs as a subprocess only."""
+Sizes are small so that the four runs fit in a few minutes on a shared 2-core CPU; LOADTEST_DURATION sets each run's
+length. The caller's TQ_* variables do not reach the server (tests/conftest.py). Locust runs as a subprocess only."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
+
+from tq_serve.bench.harness import running_server
 
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
 LOADTEST = Path(__file__).resolve().parents[1] / "loadtest"
 API_KEY = "loadtest-secret"
-START_TIMEOUT_S = 900
 DURATION = os.environ.get("LOADTEST_DURATION", "20s")
 # Output and prompt sizes per run, in tokens; long-context fills the context (1024 for tq-tiny) minus a margin.
 SIZES = ["--output-tokens", "8", "--prompt-tokens", "32", "--prefix-tokens", "256"]
 
 
-def _free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as s:
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory):
-    port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tq_serve", "--port", str(port), "--api-key", API_KEY],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready after {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
+    with running_server(["--api-key", API_KEY], log) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.mark.parametrize("workload", ["chat", "shared-prefix", "long-context", "mixed"])

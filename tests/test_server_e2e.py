@@ -1,8 +1,8 @@
 """End to end: start `python -m tq_serve` as a user would and talk to it with the OpenAI client.
 
 One server for the module (SGLang takes 30 s to minutes to start on a shared CPU); a few short requests.
-The server's settings come from the command line below plus any TQ_* variables of the caller's environment
-(TQ_KV_BITS=16 runs the same test against plain SGLang)."""
+The server's settings come from the command line below only: the caller's TQ_* variables are scrubbed
+(tests/conftest.py)."""
 
 import httpx
 import openai

@@ -7,22 +7,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import platform
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import httpx
 
+from tq_serve.autotune.provenance import environment
 from tq_serve.kernels.layout import parse_bits
-from tq_serve.registry import REPO_ROOT
 
 START_TIMEOUT_S = 900
 
@@ -83,78 +80,70 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def running_server(flags: Sequence[str], log: Path) -> Iterator[str]:
-    """`python -m tq_serve FLAGS --port P` in a subprocess, until ready (/health); yields its base URL."""
-    port = free_port()
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tq_serve", *flags, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
-    # A benchmark stopped with SIGTERM (timeout, CI) must still stop its server: turn the signal into SystemExit.
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _ready(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server {' '.join(flags)} did not start; its log ends:\n{log.read_text()[-3000:]}")
-            time.sleep(2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        signal.signal(signal.SIGTERM, previous)
+@dataclass(frozen=True)
+class ServerProcess:
+    """A started `python -m tq_serve`: its base URL, its process and the file its output goes to."""
+
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log.read_text()[-chars:]
 
 
-def _ready(url: str) -> bool:
+def healthy(url: str) -> bool:
+    """Whether the server at url answers /health with 200."""
     try:
         return httpx.get(f"{url}/health", timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
 
 
-def git_commit() -> str:
+@contextlib.contextmanager
+def server_process(
+    flags: Sequence[str],
+    log: Path,
+    *,
+    ready: Callable[[str], bool] = healthy,
+    start_timeout_s: float = START_TIMEOUT_S,
+    stop_timeout_s: float = 60,
+) -> Iterator[ServerProcess]:
+    """`python -m tq_serve FLAGS --port P` in a subprocess, yielded once `ready(url)`; on exit SIGTERM, then SIGKILL
+    after stop_timeout_s (a server that deploys on Ray needs SIGTERM to stop its private Ray)."""
+    port = free_port()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tq_serve", *flags, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT
+        )
+    server = ServerProcess(url=f"http://127.0.0.1:{port}", proc=proc, log=log)
+    # A benchmark stopped with SIGTERM (timeout, CI) must still stop its server: turn the signal into SystemExit.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        commit = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("-dirty" if dirty else "")
-
-
-def environment() -> dict:
-    """Versions, device and commit: what a reader needs to compare two JSON files."""
-    import torch
-
-    def pkg(name: str) -> str | None:
+        deadline = time.monotonic() + start_timeout_s
+        while not ready(server.url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                state = (
+                    f"exited with {proc.returncode}" if proc.poll() is not None else f"not ready in {start_timeout_s} s"
+                )
+                raise RuntimeError(f"server {' '.join(flags)} {state}; its log ends:\n{server.log_tail()}")
+            time.sleep(2)
+        yield server
+    finally:
+        proc.terminate()
         try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
+            proc.wait(timeout=stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        signal.signal(signal.SIGTERM, previous)
 
-    device = (
-        torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else f"cpu ({platform.processor() or platform.machine()})"
-    )
-    return {
-        "device": device,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        **{name: pkg(name) for name in ("tq_serve", "sglang", "torch", "triton", "transformers")},
-        "git_commit": git_commit(),
-    }
+
+@contextlib.contextmanager
+def running_server(flags: Sequence[str], log: Path) -> Iterator[str]:
+    """`python -m tq_serve FLAGS --port P` in a subprocess, until ready (/health); yields its base URL."""
+    with server_process(flags, log) as server:
+        yield server.url
 
 
 def write_report(path: Path | None, benchmark: str, config: dict, rows: list[dict]) -> dict:
