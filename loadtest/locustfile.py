@@ -16,7 +16,11 @@ without [DONE], a dropped connection, a timeout, or a stream without any text; i
 
 Workloads (--workload): `chat` short prompts; `shared-prefix` one long system prompt shared by all requests plus a
 short question (RadixAttention serves the prefix from its cache, primed by one request per API before the test);
-`long-context` prompts near the model's context length; `mixed` picks one of those per request (weights 6:3:1).
+`long-context` prompts near the model's context length; `mixed` picks one of those per request (weights 6:3:1);
+`sessions` multi-turn conversations about documents: each user opens a session on one of --documents documents
+(--document-tokens each), drawn with Zipf popularity (--zipf), and asks --turns questions in it, each request resending
+the document and the whole history so far (its earlier questions and the server's answers), so the prefix cache
+decides how much of every prompt is recomputed: the working set is the popular documents and the live histories.
 Prompts are code-like text generated from --seed: the same options give the same prompts. Sizes are in tokens,
 converted to characters with the server's own count (one probe request at start, max_tokens=1) and the context
 length from /v1/models (or --context-length).
@@ -42,6 +46,7 @@ import platform
 import random
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -55,7 +60,7 @@ from tq_serve.autotune.provenance import git_commit  # standard library only: sa
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_HOST = "http://127.0.0.1:30000"
-WORKLOADS = ("chat", "shared-prefix", "long-context", "mixed")
+WORKLOADS = ("chat", "shared-prefix", "long-context", "mixed", "sessions")
 MIXED_WEIGHTS = {"chat": 6, "shared-prefix": 3, "long-context": 1}
 APIS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 # Room left below the context length for the error of the chars -> tokens estimate on a long prompt.
@@ -82,6 +87,10 @@ def _add_options(parser) -> None:
         "--long-prompt-tokens", type=int, default=0, help="long-context prompt; 0: the context length minus a margin"
     )
     parser.add_argument("--output-tokens", type=int, default=64, help="max_tokens of every request")
+    parser.add_argument("--documents", type=int, default=24, help="sessions: distinct documents")
+    parser.add_argument("--document-tokens", type=int, default=320, help="sessions: tokens of each document")
+    parser.add_argument("--turns", type=int, default=3, help="sessions: questions per session")
+    parser.add_argument("--zipf", type=float, default=1.1, help="sessions: exponent s of document popularity 1/rank^s")
     parser.add_argument(
         "--ignore-eos",
         type=_flag,
@@ -185,6 +194,8 @@ class Profile:
     question_chars: int
     system_prompt: str
     long_prompt_chars: int
+    documents: tuple[str, ...] = ()
+    document_weights: tuple[float, ...] = ()
 
     @classmethod
     def build(cls, options, facts: ServerFacts) -> Profile:
@@ -198,10 +209,26 @@ class Profile:
             )
         header = "You are a code assistant. Continue the code of this project.\n\n"
         prefix = code_text(random.Random(f"{options.seed}:prefix"), int(options.prefix_tokens * facts.chars_per_token))
+        documents, weights = (), ()
+        if options.workload == "sessions":
+            session_tokens = options.document_tokens + options.turns * (options.prompt_tokens + options.output_tokens)
+            if session_tokens > facts.context_length:
+                raise ValueError(
+                    f"a session's last prompt and answer ({session_tokens} tokens: --document-tokens + --turns x "
+                    f"(--prompt-tokens + --output-tokens)) exceed the context length {facts.context_length}"
+                )
+            chars = int(options.document_tokens * facts.chars_per_token)
+            documents = tuple(
+                f"# document {i}\n" + code_text(random.Random(f"{options.seed}:document:{i}"), chars)
+                for i in range(options.documents)
+            )
+            weights = tuple(1 / (rank + 1) ** options.zipf for rank in range(options.documents))
         return cls(
             question_chars=max(1, int(options.prompt_tokens * facts.chars_per_token)),
             system_prompt=header + prefix,
             long_prompt_chars=max(1, int(long_tokens * facts.chars_per_token)),
+            documents=documents,
+            document_weights=weights,
         )
 
 
@@ -245,6 +272,7 @@ class Run:
 
     def describe(self) -> dict:
         keys = ("workload", "api", "prompt_tokens", "prefix_tokens", "long_prompt_tokens", "output_tokens")
+        keys += ("documents", "document_tokens", "turns", "zipf")
         keys += ("ignore_eos", "seed", "max_requests", "request_timeout")
         return {
             "host": self.host,
@@ -320,6 +348,7 @@ class Stream:
     last: float | None = None
     text_chunks: int = 0
     usage: dict | None = None
+    text: str = ""
 
 
 def _error_message(response: requests.Response) -> str:
@@ -383,6 +412,7 @@ def read_stream(api: str, response: requests.Response, deadline: float) -> Strea
             stream.first = stream.first or now
             stream.last = now
             stream.text_chunks += 1
+            stream.text += text
     if not done:
         raise StreamFailure("stream ended without [DONE]")
     if stream.first is None:
@@ -390,17 +420,30 @@ def read_stream(api: str, response: requests.Response, deadline: float) -> Strea
     return stream
 
 
-def request_body(api: str, model: str, system: str, prompt: str, options, stream: bool = True) -> dict:
-    """An OpenAI request for `api`; `system` goes into a system message (chat) or before the prompt (completions)."""
+def request_body(
+    api: str, model: str, system: str, prompt: str, options, stream: bool = True, history: Sequence[tuple] = ()
+) -> dict:
+    """An OpenAI request for `api`; `system` goes into a system message (chat) or before the prompt (completions),
+    and `history`, earlier (question, answer) pairs of a conversation, between them."""
     body = {"model": model, "max_tokens": options.output_tokens, "temperature": 0, "stream": stream}
     if stream:
         body["stream_options"] = {"include_usage": True}
     if options.ignore_eos:
         body["ignore_eos"] = True
     if api == "completions":
-        return body | {"prompt": system + prompt}
+        return body | {"prompt": system + "".join(q + a for q, a in history) + prompt}
     messages = [{"role": "system", "content": system}] if system else []
+    for question, answer in history:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     return body | {"messages": [*messages, {"role": "user", "content": prompt}]}
+
+
+@dataclass
+class Conversation:
+    """A user's session about one document (sessions workload): the turns asked so far, with their answers."""
+
+    document: int
+    history: list[tuple[str, str]]
 
 
 class OpenAIUser(User):
@@ -412,6 +455,8 @@ class OpenAIUser(User):
     def on_start(self) -> None:
         self.number = next(self.numbers)
         self.sent = 0
+        self.conversation: Conversation | None = None
+        self.pending_question = ""
         self.session = requests.Session()
         self.session.headers.update(_headers(RUN.options.api_key))
 
@@ -432,13 +477,28 @@ class OpenAIUser(User):
 
     def body(self, api: str, workload: str, rng: random.Random) -> dict:
         profile = RUN.profile
+        if workload == "sessions":
+            return self.session_body(api, rng)
         system = profile.system_prompt if workload == "shared-prefix" else ""
         chars = profile.long_prompt_chars if workload == "long-context" else profile.question_chars
         return request_body(api, RUN.facts.model, system, code_text(rng, chars), RUN.options)
 
+    def session_body(self, api: str, rng: random.Random) -> dict:
+        """The next turn of this user's session, or the first turn of a new one on a Zipf-drawn document."""
+        profile = RUN.profile
+        if self.conversation is None or len(self.conversation.history) >= RUN.options.turns:
+            document = rng.choices(range(len(profile.documents)), weights=profile.document_weights)[0]
+            self.conversation = Conversation(document=document, history=[])
+        question = "\n# question\n" + code_text(rng, profile.question_chars)
+        self.pending_question = question
+        document = profile.documents[self.conversation.document]
+        return request_body(api, RUN.facts.model, document, question, RUN.options, history=self.conversation.history)
+
     def send(self, api: str, workload: str, body: dict) -> None:
         fire = self.environment.events.request.fire
         entry = {"time": time.time(), "workload": workload, "api": api, "user": self.number}
+        if workload == "sessions":
+            entry |= {"document": self.conversation.document, "turn": len(self.conversation.history)}
         start = time.perf_counter()
         try:
             with self.session.post(
@@ -476,6 +536,8 @@ class OpenAIUser(User):
             )
             RUN.record(entry | {"ok": False, "error": str(error), "e2e_ms": e2e_ms})
             return
+        if workload == "sessions":
+            self.conversation.history.append((self.pending_question, stream.text))
         usage = stream.usage or {}
         output_tokens = usage.get("completion_tokens") or stream.text_chunks
         ttft_ms = (stream.first - start) * 1000

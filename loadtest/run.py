@@ -28,7 +28,8 @@ HERE = Path(__file__).resolve().parent
 LOCUSTFILE = HERE / "locustfile.py"
 RESULTS = HERE / "results"
 DEFAULT_HOST = "http://127.0.0.1:30000"  # tq_serve's default --port
-WORKLOADS = ("chat", "shared-prefix", "long-context", "mixed")  # as in the locustfile, which checks them again
+# As in the locustfile, which checks them again.
+WORKLOADS = ("chat", "shared-prefix", "long-context", "mixed", "sessions")
 
 
 def locust_command(args: argparse.Namespace, out: Path, extra: list[str]) -> list[str]:

@@ -142,6 +142,7 @@ class FakeOpenAI(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.api_key = api_key
         self.streamed = 0
+        self.streamed_bodies: list[dict] = []
 
     def handle_error(self, request, client_address) -> None:
         pass  # the drop behaviour breaks its own connection on purpose
@@ -191,6 +192,7 @@ class FakeHandler(BaseHTTPRequestHandler):
             self._json(200, {"choices": [{"text": "x"}], "usage": usage})
             return
         behaviour = self.server.next_behaviour()
+        self.server.streamed_bodies.append(body)
         if behaviour == "http-500":
             self._json(500, {"object": "error", "message": "fake overload", "code": 500})
             return
@@ -290,6 +292,34 @@ def test_requests_cut_off_at_the_end_are_interrupted_not_failed(fake_server, tmp
     assert code == 0, output
     assert summary["requests"]["interrupted"] == 2 and summary["requests"]["failed"] == 0
     assert summary["run"]["duration_s"] < 10
+
+
+@pytest.mark.parametrize("fake_server", [(["ok"], "")], indirect=True)
+def test_sessions_resend_their_document_and_whole_history(fake_server, tmp_path):
+    args = ["--workload", "sessions", "--api", "completions", "--users", "1", "--max-requests", "7"]
+    args += [
+        "--documents",
+        "3",
+        "--document-tokens",
+        "40",
+        "--turns",
+        "3",
+        "--prompt-tokens",
+        "8",
+        "--output-tokens",
+        "4",
+    ]
+    code, summary, output = run_loadtest(tmp_path / "run", fake_server.url, *args, duration="60s")
+    assert code == 0, output
+    assert summary["requests"]["completed"] == 7 and summary["run"]["workload"] == "sessions"
+    prompts = [body["prompt"] for body in fake_server.streamed_bodies]
+    answer = " t0 t1 t2 t3"  # what the fake server streams for max_tokens 4
+    for turn, prompt in enumerate(prompts):
+        assert prompt.startswith("# document ")
+        if turn % 3:  # a later turn of the same session: the previous prompt and its answer, then a new question
+            assert prompt.startswith(prompts[turn - 1] + answer) and prompt.count("# question") == turn % 3 + 1
+        else:  # a new session opens on a document, with no history
+            assert prompt.count("# question") == 1
 
 
 def test_pytest_itself_never_imports_locust():

@@ -11,6 +11,7 @@ BENCHMARKS = {
     "capacity": "KV-cache token capacity, bf16 vs TurboQuant, as SGLang computes it",
     "quality": "perplexity and greedy agreement of the bundled model through the serving path",
     "serve": "output tokens/s, TurboQuant vs SGLang's bf16 backend",
+    "capacity-win": "prefix-cache hit rate and TTFT at equal KV memory, TurboQuant vs bf16 (sessions workload)",
 }
 
 
@@ -18,9 +19,9 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] not in BENCHMARKS:
         print("usage: python -m tq_serve.bench NAME [options]   (NAME --help for its options)\n")
         for name, what in BENCHMARKS.items():
-            print(f"  {name:<11} {what}")
+            print(f"  {name:<13} {what}")
         return 0 if argv[:1] in ([], ["-h"], ["--help"]) else 2
-    module = importlib.import_module(f"tq_serve.bench.{argv[0]}")
+    module = importlib.import_module(f"tq_serve.bench.{argv[0].replace('-', '_')}")
     return module.main(argv[1:])
 
 
