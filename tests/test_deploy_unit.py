@@ -11,6 +11,7 @@ from ray.serve._private.common import DeploymentHandleSource, DeploymentID, Requ
 from ray.serve.request_router import PendingRequest, ReplicaID
 
 from tq_serve.deploy import engine_flags
+from tq_serve.deploy.app import kv_cache_stats
 from tq_serve.deploy.engine import free_loopback_port
 from tq_serve.deploy.router import PrefixAffinityRouter, prompt_prefix
 from tq_serve.registry import ModelShape, ResolvedModel
@@ -25,10 +26,14 @@ class FakeReplica:
 
     replica_id: ReplicaID
     max_ongoing_requests: int = 32
+    routing_stats: dict | None = None
 
 
-def replicas(n: int) -> list[FakeReplica]:
-    return [FakeReplica(ReplicaID(unique_id=f"r{i}", deployment_id=DEPLOYMENT)) for i in range(n)]
+def replicas(n: int, stats: list[dict] | None = None) -> list[FakeReplica]:
+    stats = stats or [None] * n
+    return [
+        FakeReplica(ReplicaID(unique_id=f"r{i}", deployment_id=DEPLOYMENT), routing_stats=stats[i]) for i in range(n)
+    ]
 
 
 def router(prefix_chars: int = 16, max_imbalance: float = 4) -> PrefixAffinityRouter:
@@ -124,6 +129,48 @@ def test_an_overloaded_home_goes_last_behind_power_of_two_over_the_others():
     assert choose(r, candidates, "a long shared system prompt")[0] == [home]
 
 
+def test_new_prefixes_go_where_the_pool_has_room():
+    rng = random.Random(1)
+    keys = [f"{rng.random():.16f}" for _ in range(1000)]
+
+    def shares(stats: list[dict]) -> list[int]:
+        r, candidates = router(), replicas(2, stats)
+        homes = [r.home_replica(candidates, k).replica_id.unique_id for k in keys]
+        return [homes.count("r0"), homes.count("r1")]
+
+    # A 4-bit pool holds 3.9x the tokens of a bf16 one in the same memory: it becomes home to about 3.9x the prefixes.
+    bigger = shares([{"pool_tokens": 7760, "cached_tokens": 0}, {"pool_tokens": 2000, "cached_tokens": 0}])
+    assert 3.3 < bigger[0] / bigger[1] < 4.6
+    # Equal pools, one of them nearly full: the empty one takes most new prefixes.
+    emptier = shares([{"pool_tokens": 4000, "cached_tokens": 3900}, {"pool_tokens": 4000, "cached_tokens": 0}])
+    assert emptier[1] > 8 * emptier[0]
+    # Both full: by capacity again, not all to one.
+    full = shares([{"pool_tokens": 4000, "cached_tokens": 4000}, {"pool_tokens": 4000, "cached_tokens": 4000}])
+    assert 400 < full[0] < 600
+
+
+def test_a_prefix_keeps_its_home_when_the_weights_change():
+    r = router()
+    before = replicas(2, [{"pool_tokens": 4000, "cached_tokens": 0}] * 2)
+    homes = {k: r.home_replica(before, k).replica_id.unique_id for k in (f"prefix {i}" for i in range(50))}
+    after = replicas(2, [{"pool_tokens": 4000, "cached_tokens": 4000}, {"pool_tokens": 4000, "cached_tokens": 0}])
+    assert all(r.home_replica(after, k).replica_id.unique_id == home for k, home in homes.items())
+
+
+def test_kv_cache_stats_read_sglang_gauges():
+    metrics = "\n".join(
+        [
+            "# HELP sglang:kv_available_tokens Number of available token slots.",
+            'sglang:kv_available_tokens{model_name="tq-tiny",engine_type="unified"} 1500.0',
+            'sglang:kv_evictable_tokens{model_name="tq-tiny",engine_type="unified"} 400.0',
+            'sglang:kv_used_tokens{model_name="tq-tiny",engine_type="unified"} 100.0',
+            'sglang:num_running_reqs{model_name="tq-tiny"} 2.0',
+        ]
+    )
+    assert kv_cache_stats(metrics) == {"pool_tokens": 2000, "cached_tokens": 500}
+    assert kv_cache_stats("sglang:num_running_reqs 1.0") == {}
+
+
 def test_requests_without_a_prompt_use_power_of_two():
     ranks = choose(router(), replicas(3), None)
     assert len(ranks) == 1 and len(ranks[0]) == 2
@@ -140,6 +187,7 @@ def test_engine_flags_forward_the_single_server_settings_with_absolute_paths(tmp
     assert flags[:6] == ["--model", "tq-tiny", "--model-path", str(model_dir), "--device", "cpu"]
     engine = load_settings(flags)  # as the engine's own `python -m tq_serve` parses them (boolean flags: one word)
     assert (engine.kv_bits, engine.seed, engine.kv_schedule) == (3, 3, tmp_path / "sched.yaml")
+    assert engine.enable_metrics  # the router weighs replicas by their engines' KV-pool gauges
     # The engine gets its own port and key; deployment settings would make it deploy replicas itself.
     assert not {"--port", "--api-key", "--host", "--replicas", "--ray-address"} & set(flags)
 

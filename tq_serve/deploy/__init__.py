@@ -49,7 +49,10 @@ def engine_flags(settings: ServeSettings, cfg: ServeConfig) -> list[str]:
         # A model given as a directory is its own name; pass it absolute.
         model = ["--model", str(cfg.model.path)]
     flags = [*model, "--device", cfg.device]
-    for name, value in settings.model_dump(exclude=set(NOT_FOR_ENGINES)).items():
+    # Metrics on in every engine, whatever the user asked of the endpoint: each replica reads its engine's KV-pool
+    # gauges for the router (EngineReplica.record_routing_stats). The engines listen on loopback only.
+    engine_settings = settings.model_dump(exclude=set(NOT_FOR_ENGINES)) | {"enable_metrics": True}
+    for name, value in engine_settings.items():
         if value is None:
             continue
         flag = "--" + name.replace("_", "-")

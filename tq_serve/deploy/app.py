@@ -37,6 +37,10 @@ ENGINE_READ_TIMEOUT_S = 600.0
 ENGINE_CONNECT_TIMEOUT_S = 5.0
 # check_health only polls the engine process, so it can run often; a dead engine is replaced within seconds.
 HEALTH_CHECK_PERIOD_S = 2.0
+# The replicas report their KV pool's capacity and fill this often (record_routing_stats), for new prefixes' homes.
+ROUTING_STATS_PERIOD_S = 2.0
+ROUTING_STATS_TIMEOUT_S = 5.0
+KV_GAUGES = ("sglang:kv_available_tokens", "sglang:kv_evictable_tokens", "sglang:kv_used_tokens")
 # The ingress holds every request in flight (streams included) while replicas work; Serve's default of 5 would
 # serialize the whole deployment behind it.
 INGRESS_MAX_ONGOING_REQUESTS = 4096
@@ -98,6 +102,16 @@ class EngineReplica:
         finally:
             await response.aclose()
 
+    async def record_routing_stats(self) -> dict:
+        """What the router weighs new prefixes by (router.room_for_prefixes): the engine's KV pool capacity and the
+        tokens it holds, cached or running, from the engine's own Prometheus gauges. Serve polls this every
+        ROUTING_STATS_PERIOD_S; an engine that cannot answer reports nothing, and the router weighs it as unknown."""
+        try:
+            response = await self._client.get("/metrics", timeout=ROUTING_STATS_TIMEOUT_S)
+        except httpx.HTTPError:
+            return {}
+        return kv_cache_stats(response.text) if response.status_code == 200 else {}
+
     def check_health(self) -> None:
         """Ray Serve calls this every HEALTH_CHECK_PERIOD_S; raising makes it replace the replica."""
         code = self._engine.exit_code()
@@ -109,6 +123,20 @@ class EngineReplica:
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.stop()
+
+
+def kv_cache_stats(metrics: str) -> dict:
+    """{pool_tokens, cached_tokens} from SGLang's Prometheus text: the pool is available + evictable (radix-cached,
+    no request holds them) + used tokens; what it caches is evictable + used. {} when the gauges are missing."""
+    values = {}
+    for line in metrics.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in KV_GAUGES:
+            values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[-1])
+    if set(values) != set(KV_GAUGES):
+        return {}
+    available, evictable, used = (values[name] for name in KV_GAUGES)
+    return {"pool_tokens": int(available + evictable + used), "cached_tokens": int(evictable + used)}
 
 
 async def _relay(answer: DeploymentResponseGenerator) -> AsyncIterator[bytes]:
@@ -203,6 +231,8 @@ def build_app(
         request_router_config=RequestRouterConfig(
             request_router_class="tq_serve.deploy.router.PrefixAffinityRouter",
             request_router_kwargs={"prefix_chars": affinity_prefix_chars, "max_imbalance": target_ongoing_requests},
+            request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
+            request_routing_stats_timeout_s=ROUTING_STATS_TIMEOUT_S,
         ),
         **scaling,
     )
