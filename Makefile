@@ -20,6 +20,10 @@ install: $(STAMP)
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The development loop: the suite without the tests that start SGLang or Ray or take minutes (`make test`: all).
+test-fast: install
+	$(PY) -m pytest -m "not slow and not sglang and not ray" $(PYTEST_ARGS)
+
 serve: install
 	$(PY) -m tq_serve $(ARGS)
 
