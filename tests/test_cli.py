@@ -1,6 +1,8 @@
 """`python -m tq_serve` on bad input: one clear line on stderr and a non-zero exit, before SGLang starts."""
 
 import json
+import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -9,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tq_serve.__main__ import EXIT_BAD_INPUT, EXIT_CANNOT_START, main
+from tq_serve.settings import ServeSettings, load_settings
 from tq_serve.sglang_plugin import compat
 
 TINY = {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 256}
@@ -107,3 +110,31 @@ def test_bf16_baseline_uses_sglangs_own_backend(capsys, model_dir, baseline):
     code, out, _ = run_main(capsys, "--model", str(model_dir), *baseline, "--device", "cpu", "--dry-run")
     assert code == 0
     assert 'kv_cache: "bf16"' in out and 'attention_backend: "torch_native"' in out
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_command_lines() -> list[list[str]]:
+    """The arguments of every `python -m tq_serve ...` line in the README's code blocks (comments dropped)."""
+    commands = []
+    for line in README.read_text().splitlines():
+        words = shlex.split(line.split("#")[0]) if line.startswith("    python -m tq_serve") else []
+        if words[:3] == ["python", "-m", "tq_serve"] and "--help" not in words:
+            commands.append(words[3:])
+    return commands
+
+
+@pytest.mark.parametrize("argv", readme_command_lines(), ids=" ".join)
+def test_every_readme_command_line_parses(argv):
+    load_settings(argv)
+
+
+def test_every_flag_the_readme_names_exists():
+    named = set(re.findall(r"(?<![\w-])--([a-z][a-z-]*[a-z])(?![\w*-])", README.read_text()))
+    flags = {name.replace("_", "-") for name in ServeSettings.model_fields} | {"help"}
+    # Flags of other commands the README shows (benchmarks, tuner, autotune, load test, ruff).
+    others = {"bits", "budget", "out", "schedules", "variants", "samples", "json", "head-dims", "kernels", "groups"}
+    others |= {"tiny", "text", "max-chunks", "schedule", "uniform", "metric", "concurrency", "requests-per-client"}
+    others |= {"pool-tokens", "head-dim", "allow-remote", "address", "head", "static", "write", "fix", "check"}
+    assert {name for name in named if not name.startswith("no-")} - others <= flags

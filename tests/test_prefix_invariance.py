@@ -1,7 +1,8 @@
 """SGLang serving with the turboquant backend: prefix-cache invariance, shared prefixes, no leaked KV slots.
 
-DESIGN.md section 3: a request must get the same tokens whether its prefix came from the radix cache or was just
-computed, which holds because new tokens are written to the packed pool first and attended in their quantized form.
+docs/ARCHITECTURE.md section 3: a request must get the same tokens whether its prefix came from the radix cache or
+was just computed, which holds because new tokens are written to the packed pool first and attended in their
+quantized form.
 One in-process sglang.Engine for the module (start-up takes 30 s to minutes on a shared CPU).
 """
 

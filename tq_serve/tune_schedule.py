@@ -1,4 +1,4 @@
-"""Tune a per-layer bit schedule from calibration data (DESIGN.md section 5).
+"""Tune a per-layer bit schedule from calibration data (docs/ARCHITECTURE.md section 6).
 
     python -m tq_serve.tune_schedule --model tq-tiny --budget 3.0 --out configs/schedules/tq-tiny-3.0.yaml
 

@@ -2,8 +2,9 @@
 
 Per layer and forward pass the backend (1) writes the batch's new K/V into the packed pool (quantize, scatter to
 out_cache_loc) and then (2) attends through the pool, new tokens included. Writing first is what makes the prefix
-cache exact (DESIGN.md section 3): a request sees the same quantized K/V whether its prefix was just computed or came
-from the radix cache. The kernels (tq_serve.sglang_plugin.ops) read only the slots in kv_indices, never the pool.
+cache exact (docs/ARCHITECTURE.md section 3): a request sees the same quantized K/V whether its prefix was just
+computed or came from the radix cache. The kernels (tq_serve.sglang_plugin.ops) read only the slots in kv_indices,
+never the pool. The path from this backend to a kernel: docs/ARCHITECTURE.md section 5.2.
 
 Static facts: decoder-only causal attention, qk_head_dim == v_head_dim, GQA (q heads a multiple of KV heads), tanh
 logit capping; no sliding window, cross attention, encoder-only layers or speculative decoding.
