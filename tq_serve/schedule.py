@@ -24,7 +24,7 @@ Average bits count K and V of every layer alike, 16 for an uncompressed (raw bf1
 knapsack, solved exactly by dynamic programming over the cost in half bits (every supported bits value is a multiple
 of 0.5, so the discretization loses nothing).
 
-Importable without sglang or ray: only pyyaml, numpy and tq_serve.kernels.
+Importable without sglang or ray: only pyyaml, numpy, tq_serve.kernels and tq_serve.registry.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ import numpy as np
 import yaml
 
 from tq_serve.kernels.layout import VARIANTS, KVLayout, parse_bits
+from tq_serve.registry import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEDULES_DIR = REPO_ROOT / "configs" / "schedules"
 SCHEDULE_BITS = (2, 2.5, 3, 3.5, 4, 16)
 """Bits a schedule may give a layer's K or V: TurboQuant at 2-4 bits, or 16 = raw bf16 (an uncompressed layer)."""
