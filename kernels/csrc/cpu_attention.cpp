@@ -1,0 +1,749 @@
+// Decode and extend attention over the packed KV pool on a CPU, reading the packed code rows directly.
+//
+// Plain C++ and OpenMP, no torch headers (it compiles in about two seconds); kernels/cpu_attention.py builds it on
+// first use and calls it through ctypes on tensor data pointers. The math is DESIGN.md section 3 in the quantizer's
+// *storage basis* W (E, d): a vector's decoded row y (E floats, coordinates in the order its code bytes hold them)
+// satisfies x~ = y @ W, so the caller turns each query into that basis (q @ W_k^T) and each output out of it
+// (acc @ W_v) once; here only codes, norms and fp32 rows of at most one tile live.
+//
+//   score_i = sm_scale * (n_i c_i . q_s [+ n_i gamma_i qjl_scale s_i . q_qjl])     (optionally tanh-capped)
+//   acc     = sum_i p_i (n_i c_i [, n_i gamma_i qjl_scale s_i])                    (p: softmax of the scores)
+//
+// Reduction order is fixed by the code, never by the thread count, the batch or the vector width:
+// - every dot product runs over 16 explicit lanes folded by a fixed tree (decode), or sequentially over the
+//   coordinates (extend), so a vectorising compiler cannot reorder it (no -ffast-math);
+// - keys are visited in tiles aligned to absolute positions; decode splits a request's keys into chunks of
+//   DECODE_CHUNK keys at fixed positions, each an independent online softmax, folded left to right;
+// - threads only take whole work items (request, KV head, chunk / query block), whose results do not depend on
+//   which thread ran them.
+// So a request's output is bitwise the same alone or in a batch, on 1 or N threads, and an extend row's output
+// depends only on its own query, its position and the keys up to it (prefix cached or computed: the same).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int kAbiVersion = 1;
+constexpr int kMaxOps = 8;
+constexpr int kLanes = 16;
+constexpr int64_t kDecodeChunk = 512;  // keys per decode work item (a fixed split: part of the reduction order)
+constexpr int kDecodeTile = 32;        // keys scored before their softmax update (decode)
+constexpr int kExtendTile = 64;        // keys per extend tile (a multiple of 16)
+constexpr int kExtendRows = 64;        // query rows (tokens x group) per extend work item, about
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+}  // namespace
+
+extern "C" {
+
+// One step of decoding a code row into storage-basis floats. Kinds:
+//   1, 2, 3: a single-plane segment of 4, 2, 1 bits: byte j -> table[byte] (2, 4, 8 floats) at dst + j * per_byte
+//   4: a 3-bit segment (a 2-bit low plane at src, nbytes bytes, and a 1-bit high plane at src2): byte j of the low
+//      plane and the high bits of its channels index a joint table of 4 floats (see cpu_attention.py)
+//   5: the raw bfloat16 vector (nbytes = 2 * head_dim) -> floats at dst
+//   11, 12, 13, 14 (AVX2 builds only, planes of a multiple of 8 bytes, 3-bit: high plane too): kinds 1, 2, 3, 4
+//      decoded 8 bytes at a time with the codebook in registers (table: the codebook, padded to 8 or 16 floats),
+//      in channel order: field k of byte j -> dst + k * nbytes + j. About 10x fewer instructions than a table
+//      row per byte.
+struct DecodeOp {
+    int32_t kind;
+    int32_t src;
+    int32_t nbytes;
+    int32_t src2;
+    int32_t dst;
+    int32_t pad;
+    const float* table;
+};
+
+// How to decode one packed vector of a layout: the ops, the width E of its decoded row, its norms.
+struct VectorSpec {
+    int32_t code_bytes;
+    int32_t width;             // E: head_dim, or 2 * head_dim for prod (the QJL signs follow the values)
+    int32_t head_dim;
+    int32_t norms_per_vector;  // 0 raw, 1 mse (n), 2 prod (n, gamma)
+    int32_t norm_is_f32;       // else float16
+    int32_t n_ops;
+    int32_t zero_values;  // no code planes (1-bit prod): the value part of the row is zero
+    float qjl_scale;
+    DecodeOp ops[kMaxOps];
+};
+
+// A pool tensor pair (codes uint8 (slots, kv_heads, code_bytes), norms (slots, kv_heads, npv)), strides in elements.
+struct PoolView {
+    const uint8_t* codes;
+    int64_t code_slot_stride;
+    int64_t code_head_stride;
+    const void* norms;
+    int64_t norm_slot_stride;
+    int64_t norm_head_stride;
+};
+
+int tq_abi_version() { return kAbiVersion; }
+
+// Whether this build decodes with AVX2 (ops 11-14); the caller picks the op kinds, and the basis, accordingly.
+int tq_has_avx2() {
+#ifdef __AVX2__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+}  // extern "C"
+
+namespace {
+
+inline float half_to_float(uint16_t h) {
+    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+    const uint32_t exponent = (h >> 10) & 0x1fu;
+    const uint32_t mantissa = h & 0x3ffu;
+    uint32_t bits;
+    if (exponent == 0) {
+        if (mantissa == 0) {
+            bits = sign;
+        } else {  // subnormal: mantissa * 2^-24, exact in float
+            float value = static_cast<float>(mantissa) * 5.9604644775390625e-8f;
+            std::memcpy(&bits, &value, 4);
+            bits |= sign;
+        }
+    } else if (exponent == 31) {
+        bits = sign | 0x7f800000u | (mantissa << 13);
+    } else {
+        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    }
+    float out;
+    std::memcpy(&out, &bits, 4);
+    return out;
+}
+
+inline float read_norm(const VectorSpec& spec, const PoolView& pool, int64_t slot, int64_t head, int which) {
+    const int64_t at = slot * pool.norm_slot_stride + head * pool.norm_head_stride + which;
+    if (spec.norm_is_f32) return static_cast<const float*>(pool.norms)[at];
+    return half_to_float(static_cast<const uint16_t*>(pool.norms)[at]);
+}
+
+inline const uint8_t* code_row(const PoolView& pool, int64_t slot, int64_t head) {
+    return pool.codes + slot * pool.code_slot_stride + head * pool.code_head_stride;
+}
+
+template <int PER_BYTE>
+inline void decode_table(const uint8_t* bytes, int nbytes, const float* table, float* out) {
+    for (int j = 0; j < nbytes; ++j) std::memcpy(out + j * PER_BYTE, table + PER_BYTE * bytes[j], PER_BYTE * 4);
+}
+
+#ifdef __AVX2__
+inline __m256i load8_u8(const uint8_t* p) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
+// centroids of codes 0..15: vpermps indexes 8 entries (bit 3 ignored), so two permutes and a blend on bit 3.
+inline __m256 lookup16(__m256i code, __m256 low8, __m256 high8) {
+    const __m256 a = _mm256_permutevar8x32_ps(low8, code);
+    const __m256 b = _mm256_permutevar8x32_ps(high8, code);
+    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(code, 28)));
+}
+
+template <int BITS>
+inline void decode_plane_simd(const uint8_t* src, int nbytes, const float* codebook, float* out) {
+    const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+    if constexpr (BITS == 4) {
+        const __m256 low8 = _mm256_loadu_ps(codebook), high8 = _mm256_loadu_ps(codebook + 8);
+        for (int j = 0; j < nbytes; j += 8) {
+            const __m256i v = load8_u8(src + j);
+            _mm256_storeu_ps(out + j, lookup16(_mm256_and_si256(v, mask), low8, high8));
+            _mm256_storeu_ps(out + nbytes + j, lookup16(_mm256_srli_epi32(v, 4), low8, high8));
+        }
+    } else {
+        const __m256 table = _mm256_loadu_ps(codebook);
+        for (int j = 0; j < nbytes; j += 8) {
+            const __m256i v = load8_u8(src + j);
+            for (int k = 0; k < 8 / BITS; ++k) {
+                const __m256i code = _mm256_and_si256(_mm256_srli_epi32(v, k * BITS), mask);
+                _mm256_storeu_ps(out + k * nbytes + j, _mm256_permutevar8x32_ps(table, code));
+            }
+        }
+    }
+}
+
+// A 3-bit segment, low 2-bit plane of n2 bytes and high 1-bit plane of n1 = n2 / 2 bytes (n1 a multiple of 8):
+// channel j + k * n2 has its low bits in low byte j at 2k and its high bit in high byte j % n1 at 2k + j / n1.
+inline void decode_split_simd(const uint8_t* low, const uint8_t* high, int n2, const float* codebook, float* out) {
+    const int n1 = n2 / 2;
+    const __m256 table = _mm256_loadu_ps(codebook);
+    const __m256i three = _mm256_set1_epi32(3), one = _mm256_set1_epi32(1);
+    for (int j = 0; j < n2; j += 8) {
+        const __m256i lv = load8_u8(low + j);
+        const __m256i hv = _mm256_srli_epi32(load8_u8(high + (j % n1)), j / n1);
+        for (int k = 0; k < 4; ++k) {
+            const __m256i code = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi32(lv, 2 * k), three),
+                _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hv, 2 * k), one), 2));
+            _mm256_storeu_ps(out + k * n2 + j, _mm256_permutevar8x32_ps(table, code));
+        }
+    }
+}
+#endif
+
+// The storage-basis row of one packed vector (unscaled: centroids and +-1 signs; the norms are applied by callers).
+inline void decode_row(const VectorSpec& spec, const uint8_t* row, float* out) {
+    if (spec.zero_values) std::memset(out, 0, sizeof(float) * spec.head_dim);
+    for (int o = 0; o < spec.n_ops; ++o) {
+        const DecodeOp& op = spec.ops[o];
+        float* dst = out + op.dst;
+        const uint8_t* src = row + op.src;
+        switch (op.kind) {
+            case 1:
+                decode_table<2>(src, op.nbytes, op.table, dst);
+                break;
+            case 2:
+                decode_table<4>(src, op.nbytes, op.table, dst);
+                break;
+            case 3:
+                decode_table<8>(src, op.nbytes, op.table, dst);
+                break;
+            case 4: {
+                // Low byte j holds channels j + k * n2 (k = 0..3); their high bits sit in high byte j % n1 at bits
+                // j / n1 + 2k (n1 = n2 / 2): shifted down and masked with 0x55 they index the joint table.
+                const uint8_t* high = row + op.src2;
+                const int n1 = op.nbytes / 2;
+                for (int j = 0; j < n1; ++j) {
+                    const int index = src[j] | ((high[j] & 0x55) << 8);
+                    std::memcpy(dst + 4 * j, op.table + 4 * index, 16);
+                }
+                for (int j = 0; j < n1; ++j) {
+                    const int index = src[n1 + j] | (((high[j] >> 1) & 0x55) << 8);
+                    std::memcpy(dst + 4 * (n1 + j), op.table + 4 * index, 16);
+                }
+                break;
+            }
+            case 5: {
+                const int n = op.nbytes / 2;
+                for (int e = 0; e < n; ++e) {
+                    const uint32_t bits = static_cast<uint32_t>(src[2 * e] | (src[2 * e + 1] << 8)) << 16;
+                    std::memcpy(dst + e, &bits, 4);
+                }
+                break;
+            }
+#ifdef __AVX2__
+            case 11:
+                decode_plane_simd<4>(src, op.nbytes, op.table, dst);
+                break;
+            case 12:
+                decode_plane_simd<2>(src, op.nbytes, op.table, dst);
+                break;
+            case 13:
+                decode_plane_simd<1>(src, op.nbytes, op.table, dst);
+                break;
+            case 14:
+                decode_split_simd(src, row + op.src2, op.nbytes, op.table, dst);
+                break;
+#endif
+            default:
+                break;
+        }
+    }
+}
+
+// a . b over n (a multiple of kLanes) floats in 16 fixed lanes, folded by a fixed tree.
+inline float lane_dot(const float* a, const float* b, int n) {
+    float lane[kLanes] = {0};
+    for (int i = 0; i < n; i += kLanes)
+        for (int l = 0; l < kLanes; ++l) lane[l] += a[i + l] * b[i + l];
+    for (int w = kLanes / 2; w >= 1; w /= 2)
+        for (int l = 0; l < w; ++l) lane[l] += lane[l + w];
+    return lane[0];
+}
+
+inline float cap_logit(float s, float cap) { return cap > 0.f ? cap * std::tanh(s / cap) : s; }
+
+inline int64_t slot_at(const void* indices, int indices_64, int64_t i) {
+    return indices_64 ? static_cast<const int64_t*>(indices)[i] : static_cast<const int32_t*>(indices)[i];
+}
+
+// The norm scales of one vector: the value part's (n) and, for prod, the QJL part's (n * gamma * qjl_scale).
+inline void vector_scales(const VectorSpec& spec, const PoolView& pool, int64_t slot, int64_t head, float* value,
+                          float* qjl) {
+    if (spec.norms_per_vector == 0) {
+        *value = 1.f;
+        *qjl = 0.f;
+        return;
+    }
+    *value = read_norm(spec, pool, slot, head, 0);
+    *qjl = spec.norms_per_vector == 2 ? *value * read_norm(spec, pool, slot, head, 1) * spec.qjl_scale : 0.f;
+}
+
+struct DecodeArgs {
+    const float* q;
+    int64_t q_row_stride;
+    int64_t q_head_stride;
+    const VectorSpec* ks;
+    PoolView kp;
+    const VectorSpec* vs;
+    PoolView vp;
+    const void* kv_indices;
+    int indices_64;
+    int kv_heads;
+    int group;
+    float sm_scale;
+    float logit_cap;
+};
+
+// out[i] = q[i][off:off + n] . row[off:off + n] (n a multiple of 16) for NG queries: 16 lanes per dot, folded by a
+// fixed tree.
+template <int NG>
+inline void dots16(const float* const* q, const float* row, int off, int n, float* out) {
+    row += off;
+#ifdef __AVX2__
+    __m256 c[NG][2];
+    for (int i = 0; i < NG; ++i) c[i][0] = c[i][1] = _mm256_setzero_ps();
+    for (int e = 0; e < n; e += 16) {
+        const __m256 r0 = _mm256_loadu_ps(row + e), r1 = _mm256_loadu_ps(row + e + 8);
+        for (int i = 0; i < NG; ++i) {
+            c[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(q[i] + off + e), r0, c[i][0]);
+            c[i][1] = _mm256_fmadd_ps(_mm256_loadu_ps(q[i] + off + e + 8), r1, c[i][1]);
+        }
+    }
+    for (int i = 0; i < NG; ++i) {
+        const __m256 v8 = _mm256_add_ps(c[i][0], c[i][1]);
+        const __m128 v4 = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps(v8, 1));
+        const __m128 v2 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));
+        out[i] = _mm_cvtss_f32(_mm_add_ss(v2, _mm_movehdup_ps(v2)));
+    }
+#else
+    for (int i = 0; i < NG; ++i) out[i] = lane_dot(q[i] + off, row, n);
+#endif
+}
+
+// acc[i][e] = acc[i][e] * alpha[i] + sum_t w[i][t] * rows[t * stride + e], sequential over t, for e in [e0, e1)
+// (a multiple of 16 apart) and NG queries.
+template <int NG>
+inline void accumulate16(float* const* acc, const float* alpha, const float* const* w, const float* rows,
+                         int stride, int nt, int e0, int e1) {
+    for (int e = e0; e < e1; e += 16) {
+#ifdef __AVX2__
+        __m256 c[NG][2];
+        for (int i = 0; i < NG; ++i) {
+            const __m256 a = _mm256_set1_ps(alpha[i]);
+            c[i][0] = _mm256_mul_ps(_mm256_loadu_ps(acc[i] + e), a);
+            c[i][1] = _mm256_mul_ps(_mm256_loadu_ps(acc[i] + e + 8), a);
+        }
+        for (int t = 0; t < nt; ++t) {
+            const float* r = rows + static_cast<int64_t>(t) * stride + e;
+            const __m256 r0 = _mm256_loadu_ps(r), r1 = _mm256_loadu_ps(r + 8);
+            for (int i = 0; i < NG; ++i) {
+                const __m256 wv = _mm256_set1_ps(w[i][t]);
+                c[i][0] = _mm256_fmadd_ps(wv, r0, c[i][0]);
+                c[i][1] = _mm256_fmadd_ps(wv, r1, c[i][1]);
+            }
+        }
+        for (int i = 0; i < NG; ++i) {
+            _mm256_storeu_ps(acc[i] + e, c[i][0]);
+            _mm256_storeu_ps(acc[i] + e + 8, c[i][1]);
+        }
+#else
+        float c[NG][16];
+        for (int i = 0; i < NG; ++i)
+            for (int l = 0; l < 16; ++l) c[i][l] = acc[i][e + l] * alpha[i];
+        for (int t = 0; t < nt; ++t) {
+            const float* r = rows + static_cast<int64_t>(t) * stride + e;
+            for (int i = 0; i < NG; ++i)
+                for (int l = 0; l < 16; ++l) c[i][l] += w[i][t] * r[l];
+        }
+        for (int i = 0; i < NG; ++i) std::memcpy(acc[i] + e, c[i], sizeof(c[i]));
+#endif
+    }
+}
+
+// Queries in groups of up to 4 (the accumulators of 4 fit in AVX2's 16 registers).
+template <typename F>
+inline void by_four(int count, F&& body) {
+    for (int g0 = 0; g0 < count; g0 += 4) {
+        switch (std::min(4, count - g0)) {
+            case 1:
+                body(g0, std::integral_constant<int, 1>{});
+                break;
+            case 2:
+                body(g0, std::integral_constant<int, 2>{});
+                break;
+            case 3:
+                body(g0, std::integral_constant<int, 3>{});
+                break;
+            default:
+                body(g0, std::integral_constant<int, 4>{});
+                break;
+        }
+    }
+}
+
+// One decode work item: request keys [k0, k1) (positions within the request, slots from `first`), KV head h, the
+// group's queries -> online-softmax state m[g], l[g], acc[g * Ev ...]. Tiles of kDecodeTile keys: K decoded, scored
+// and its softmax update made, then V decoded and accumulated.
+void decode_chunk(const DecodeArgs& a, int64_t b, int64_t h, int64_t first, int64_t k0, int64_t k1, float* m,
+                  float* l, float* acc) {
+    const VectorSpec& ks = *a.ks;
+    const VectorSpec& vs = *a.vs;
+    const int G = a.group, ek = ks.width, ev = vs.width, dk = ks.head_dim, dv = vs.head_dim;
+    const bool k_prod = ks.norms_per_vector == 2, v_prod = vs.norms_per_vector == 2;
+    std::vector<float> tile(static_cast<size_t>(kDecodeTile) * std::max(ek, ev));
+    std::vector<float> weights(static_cast<size_t>(2 * G) * kDecodeTile);  // p * n, then p * n * gamma * c_d
+    std::vector<const float*> q(G), w(G), wq(G);
+    std::vector<float*> out(G);
+    std::vector<float> alpha(G);
+    float scales[kDecodeTile], qjl_scales[kDecodeTile], dots[4] = {}, qjl_dots[4] = {};
+    int64_t slots[kDecodeTile];
+    for (int g = 0; g < G; ++g) {
+        q[g] = a.q + b * a.q_row_stride + (h * G + g) * a.q_head_stride;
+        w[g] = &weights[static_cast<size_t>(g) * kDecodeTile];
+        wq[g] = &weights[static_cast<size_t>(G + g) * kDecodeTile];
+        out[g] = acc + static_cast<size_t>(g) * ev;
+        m[g] = kNegInf;
+        l[g] = 0.f;
+    }
+    std::fill(acc, acc + static_cast<size_t>(G) * ev, 0.f);
+    for (int64_t t0 = k0; t0 < k1; t0 += kDecodeTile) {
+        const int nt = static_cast<int>(std::min<int64_t>(kDecodeTile, k1 - t0));
+        for (int t = 0; t < nt; ++t) slots[t] = slot_at(a.kv_indices, a.indices_64, first + t0 + t);
+        // The whole tile is decoded before it is read: a row read right after narrow table stores (the non-AVX2
+        // ops) stalls on store forwarding, measured 3x slower.
+        for (int t = 0; t < nt; ++t) {
+            decode_row(ks, code_row(a.kp, slots[t], h), &tile[static_cast<size_t>(t) * ek]);
+            vector_scales(ks, a.kp, slots[t], h, &scales[t], &qjl_scales[t]);
+        }
+        float* scores = weights.data();  // the scores, then their softmax weights, in place
+        for (int t = 0; t < nt; ++t) {
+            const float* row = &tile[static_cast<size_t>(t) * ek];
+            by_four(G, [&](int g0, auto ng) {
+                dots16<decltype(ng)::value>(&q[g0], row, 0, dk, dots);
+                if (k_prod) dots16<decltype(ng)::value>(&q[g0], row, dk, dk, qjl_dots);
+                for (int i = 0; i < ng; ++i) {
+                    float s = scales[t] * dots[i];
+                    if (k_prod) s += qjl_scales[t] * qjl_dots[i];
+                    scores[(g0 + i) * kDecodeTile + t] = cap_logit(s * a.sm_scale, a.logit_cap);
+                }
+            });
+        }
+        for (int t = 0; t < nt; ++t) {
+            vector_scales(vs, a.vp, slots[t], h, &scales[t], &qjl_scales[t]);
+        }
+        for (int g = 0; g < G; ++g) {
+            float* sg = scores + g * kDecodeTile;
+            float m_new = m[g];
+            for (int t = 0; t < nt; ++t) m_new = std::max(m_new, sg[t]);
+            alpha[g] = std::exp(m[g] - m_new);
+            float sum = 0.f;
+            float* pq = &weights[static_cast<size_t>(G + g) * kDecodeTile];
+            for (int t = 0; t < nt; ++t) {
+                const float p = std::exp(sg[t] - m_new);
+                sum += p;
+                sg[t] = p * scales[t];
+                pq[t] = p * qjl_scales[t];
+            }
+            l[g] = l[g] * alpha[g] + sum;
+            m[g] = m_new;
+        }
+        for (int t = 0; t < nt; ++t) decode_row(vs, code_row(a.vp, slots[t], h), &tile[static_cast<size_t>(t) * ev]);
+        by_four(G, [&](int g0, auto ng) {
+            accumulate16<decltype(ng)::value>(&out[g0], &alpha[g0], &w[g0], tile.data(), ev, nt, 0, dv);
+            if (v_prod)
+                accumulate16<decltype(ng)::value>(&out[g0], &alpha[g0], &wq[g0], tile.data(), ev, nt, dv, ev);
+        });
+    }
+}
+
+int thread_count(int requested) { return requested > 0 ? requested : 1; }
+
+}  // namespace
+
+extern "C" {
+
+// Decode: q (B, Hq, Ek) fp32 in K's storage basis; request b reads slots kv_indices[kv_indptr[b] : kv_indptr[b+1]];
+// out (B, Hq, Ev) fp32 in V's storage basis, contiguous (zeros for a request without slots).
+int tq_decode_attention(const float* q, int64_t q_row_stride, int64_t q_head_stride, const VectorSpec* ks,
+                        PoolView kp, const VectorSpec* vs, PoolView vp, const int64_t* kv_indptr,
+                        const void* kv_indices, int32_t indices_64, int32_t batch, int32_t kv_heads, int32_t group,
+                        float sm_scale, float logit_cap, float* out, int32_t num_threads) {
+    const DecodeArgs args{q, q_row_stride, q_head_stride, ks, kp, vs, vp, kv_indices, indices_64, kv_heads, group,
+                          sm_scale, logit_cap};
+    const int ev = vs->width, G = group;
+    // Work items (request, KV head, chunk), and where each request's chunks start among them.
+    std::vector<int64_t> chunk_base(static_cast<size_t>(batch) + 1, 0);
+    for (int b = 0; b < batch; ++b) {
+        const int64_t len = kv_indptr[b + 1] - kv_indptr[b];
+        chunk_base[b + 1] = chunk_base[b] + (len + kDecodeChunk - 1) / kDecodeChunk;
+    }
+    const int64_t chunks = chunk_base[batch];
+    const int64_t items = chunks * kv_heads;
+    std::vector<float> part_m(static_cast<size_t>(items) * G), part_l(static_cast<size_t>(items) * G);
+    std::vector<float> part_acc(static_cast<size_t>(items) * G * ev);
+    std::vector<int32_t> item_request(static_cast<size_t>(chunks));
+    for (int b = 0; b < batch; ++b)
+        for (int64_t c = chunk_base[b]; c < chunk_base[b + 1]; ++c) item_request[c] = b;
+    const int threads = thread_count(num_threads);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t item = 0; item < items; ++item) {
+        const int64_t c = item / kv_heads, h = item % kv_heads;
+        const int b = item_request[c];
+        const int64_t len = kv_indptr[b + 1] - kv_indptr[b];
+        const int64_t k0 = (c - chunk_base[b]) * kDecodeChunk, k1 = std::min(len, k0 + kDecodeChunk);
+        decode_chunk(args, b, h, kv_indptr[b], k0, k1, &part_m[item * G], &part_l[item * G],
+                     &part_acc[static_cast<size_t>(item) * G * ev]);
+    }
+    // Fold each (request, head, query)'s chunks left to right, then normalise.
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t bh = 0; bh < static_cast<int64_t>(batch) * kv_heads; ++bh) {
+        const int b = static_cast<int>(bh / kv_heads);
+        const int64_t h = bh % kv_heads;
+        for (int g = 0; g < G; ++g) {
+            float* o = out + (static_cast<int64_t>(b) * kv_heads * G + h * G + g) * ev;
+            if (chunk_base[b + 1] == chunk_base[b]) {
+                std::fill(o, o + ev, 0.f);
+                continue;
+            }
+            const int64_t first = (chunk_base[b] * kv_heads + h) * G + g;
+            float m = part_m[first], l = part_l[first];
+            std::memcpy(o, &part_acc[first * ev], sizeof(float) * ev);
+            for (int64_t c = chunk_base[b] + 1; c < chunk_base[b + 1]; ++c) {
+                const int64_t at = (c * kv_heads + h) * G + g;
+                const float m_new = std::max(m, part_m[at]);
+                const float alpha = std::exp(m - m_new), beta = std::exp(part_m[at] - m_new);
+                l = l * alpha + part_l[at] * beta;
+                const float* pa = &part_acc[at * ev];
+                for (int e = 0; e < ev; ++e) o[e] = o[e] * alpha + pa[e] * beta;
+                m = m_new;
+            }
+            const float inv = 1.f / l;
+            for (int e = 0; e < ev; ++e) o[e] *= inv;
+        }
+    }
+    return 0;
+}
+
+}  // extern "C"
+
+namespace {
+
+struct ExtendArgs {
+    const float* q;
+    int64_t q_row_stride;
+    int64_t q_head_stride;
+    const VectorSpec* ks;
+    PoolView kp;
+    const VectorSpec* vs;
+    PoolView vp;
+    const void* kv_indices;
+    int indices_64;
+    int kv_heads;
+    int group;
+    float sm_scale;
+    float logit_cap;
+    float* out;
+};
+
+// Decode keys [k0, k0 + nt) of a request into a transposed tile kt[e * kExtendTile + t], norms applied; columns
+// nt..kExtendTile are zero.
+void key_tile(const ExtendArgs& a, int64_t first, int64_t h, int64_t k0, int nt, float* row, float* kt) {
+    const VectorSpec& ks = *a.ks;
+    const int ek = ks.width, dk = ks.head_dim;
+    for (int t = 0; t < nt; ++t) {
+        const int64_t slot = slot_at(a.kv_indices, a.indices_64, first + k0 + t);
+        float n, nq;
+        vector_scales(ks, a.kp, slot, h, &n, &nq);
+        decode_row(ks, code_row(a.kp, slot, h), row);
+        for (int e = 0; e < dk; ++e) kt[e * kExtendTile + t] = n * row[e];
+        for (int e = dk; e < ek; ++e) kt[e * kExtendTile + t] = nq * row[e];
+    }
+    for (int e = 0; e < ek; ++e)
+        for (int t = nt; t < kExtendTile; ++t) kt[e * kExtendTile + t] = 0.f;
+}
+
+// Decode values [k0, k0 + nt) into rows vt[t * Ev + e], norms applied; rows nt..kExtendTile are zero.
+void value_tile(const ExtendArgs& a, int64_t first, int64_t h, int64_t k0, int nt, float* vt) {
+    const VectorSpec& vs = *a.vs;
+    const int ev = vs.width, dv = vs.head_dim;
+    for (int t = 0; t < nt; ++t) {
+        const int64_t slot = slot_at(a.kv_indices, a.indices_64, first + k0 + t);
+        float n, nq;
+        vector_scales(vs, a.vp, slot, h, &n, &nq);
+        float* r = vt + static_cast<int64_t>(t) * ev;
+        decode_row(vs, code_row(a.vp, slot, h), r);
+        for (int e = 0; e < dv; ++e) r[e] *= n;
+        for (int e = dv; e < ev; ++e) r[e] *= nq;
+    }
+    std::fill(vt + static_cast<int64_t>(nt) * ev, vt + static_cast<int64_t>(kExtendTile) * ev, 0.f);
+}
+
+// s[r][t] = sum_e q[r][e] * kt[e][t], each a sequential sum over e; rows in blocks of 4, keys in blocks of 16.
+void tile_scores(const float* qb, int rows, int ek, const float* kt, float* s) {
+    for (int r0 = 0; r0 < rows; r0 += 4) {
+        for (int t0 = 0; t0 < kExtendTile; t0 += 16) {
+            float c[4][16] = {};
+            for (int e = 0; e < ek; ++e) {
+                const float* k = kt + e * kExtendTile + t0;
+                for (int i = 0; i < 4; ++i) {
+                    const float qv = qb[(r0 + i) * ek + e];
+                    for (int t = 0; t < 16; ++t) c[i][t] += qv * k[t];
+                }
+            }
+            for (int i = 0; i < 4; ++i) std::memcpy(s + (r0 + i) * kExtendTile + t0, c[i], sizeof(c[i]));
+        }
+    }
+}
+
+// acc[r][e] = acc[r][e] * alpha[r] + sum_t p[r][t] * vt[t][e], sequential over t.
+void tile_values(const float* p, const float* alpha, int rows, int ev, const float* vt, float* acc) {
+    for (int r0 = 0; r0 < rows; r0 += 4) {
+        for (int e0 = 0; e0 < ev; e0 += 16) {
+            float c[4][16];
+            for (int i = 0; i < 4; ++i)
+                for (int e = 0; e < 16; ++e) c[i][e] = acc[(r0 + i) * ev + e0 + e] * alpha[r0 + i];
+            for (int t = 0; t < kExtendTile; ++t) {
+                const float* v = vt + static_cast<int64_t>(t) * ev + e0;
+                for (int i = 0; i < 4; ++i) {
+                    const float pv = p[(r0 + i) * kExtendTile + t];
+                    for (int e = 0; e < 16; ++e) c[i][e] += pv * v[e];
+                }
+            }
+            for (int i = 0; i < 4; ++i) std::memcpy(acc + (r0 + i) * ev + e0, c[i], sizeof(c[i]));
+        }
+    }
+}
+
+// One extend work item: tokens [i0, i0 + nq) of request b (rows q_first + i), their first position `pos0`, over
+// the request's keys from its slot list at `first`, KV head h.
+void extend_block(const ExtendArgs& a, int64_t q_first, int64_t i0, int nq, int64_t pos0, int64_t first, int64_t h) {
+    const VectorSpec& ks = *a.ks;
+    const VectorSpec& vs = *a.vs;
+    const int G = a.group, ek = ks.width, ev = vs.width;
+    const int rows = nq * G, padded = (rows + 3) / 4 * 4;
+    std::vector<float> qb(static_cast<size_t>(padded) * ek, 0.f), s(static_cast<size_t>(padded) * kExtendTile);
+    std::vector<float> kt(static_cast<size_t>(ek) * kExtendTile), vt(static_cast<size_t>(kExtendTile) * ev);
+    std::vector<float> acc(static_cast<size_t>(padded) * ev, 0.f), row(std::max(ek, ev));
+    std::vector<float> m(padded, kNegInf), l(padded, 0.f), alpha(padded, 1.f);
+    std::vector<int64_t> pos(padded, -1);
+    for (int i = 0; i < nq; ++i) {
+        const float* src = a.q + (q_first + i0 + i) * a.q_row_stride + h * G * a.q_head_stride;
+        for (int g = 0; g < G; ++g) {
+            std::memcpy(&qb[static_cast<size_t>(i * G + g) * ek], src + g * a.q_head_stride, sizeof(float) * ek);
+            pos[i * G + g] = pos0 + i;
+        }
+    }
+    const int64_t last = pos0 + nq - 1;
+    for (int64_t k0 = 0; k0 <= last; k0 += kExtendTile) {
+        const int nt = static_cast<int>(std::min<int64_t>(kExtendTile, last + 1 - k0));
+        key_tile(a, first, h, k0, nt, row.data(), kt.data());
+        tile_scores(qb.data(), padded, ek, kt.data(), s.data());
+        for (int r = 0; r < padded; ++r) {
+            float* sr = s.data() + r * kExtendTile;
+            const int visible = static_cast<int>(std::clamp<int64_t>(pos[r] - k0 + 1, 0, nt));
+            float m_new = m[r];
+            for (int t = 0; t < visible; ++t) {
+                sr[t] = cap_logit(sr[t] * a.sm_scale, a.logit_cap);
+                m_new = std::max(m_new, sr[t]);
+            }
+            if (visible == 0) {  // nothing to see in this tile: the row's state stays exactly as it is
+                alpha[r] = 1.f;
+                std::fill(sr, sr + kExtendTile, 0.f);
+                continue;
+            }
+            alpha[r] = std::exp(m[r] - m_new);
+            float sum = 0.f;
+            for (int t = 0; t < visible; ++t) {
+                sr[t] = std::exp(sr[t] - m_new);
+                sum += sr[t];
+            }
+            std::fill(sr + visible, sr + kExtendTile, 0.f);
+            l[r] = l[r] * alpha[r] + sum;
+            m[r] = m_new;
+        }
+        value_tile(a, first, h, k0, nt, vt.data());
+        tile_values(s.data(), alpha.data(), padded, ev, vt.data(), acc.data());
+    }
+    for (int r = 0; r < rows; ++r) {
+        const int i = r / G, g = r % G;
+        float* o = a.out + ((q_first + i0 + i) * a.kv_heads * G + h * G + g) * ev;
+        const float inv = 1.f / l[r];
+        for (int e = 0; e < ev; ++e) o[e] = acc[static_cast<size_t>(r) * ev + e] * inv;
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Extend: q (T, Hq, Ek) fp32 in K's storage basis; request b owns rows qo_indptr[b] : qo_indptr[b+1], its last
+// tokens, and slots kv_indices[kv_indptr[b] : kv_indptr[b+1]] (prefix, then its new tokens, already written); row i
+// of request b sees the keys at positions <= (its kv length - its new tokens) + i. out (T, Hq, Ev) fp32 in V's
+// storage basis, contiguous; rows of requests without slots are left as they are.
+int tq_extend_attention(const float* q, int64_t q_row_stride, int64_t q_head_stride, const VectorSpec* ks,
+                        PoolView kp, const VectorSpec* vs, PoolView vp, const int64_t* qo_indptr,
+                        const int64_t* kv_indptr, const void* kv_indices, int32_t indices_64, int32_t batch,
+                        int32_t kv_heads, int32_t group, float sm_scale, float logit_cap, float* out,
+                        int32_t num_threads) {
+    const ExtendArgs args{q, q_row_stride, q_head_stride, ks, kp, vs, vp, kv_indices, indices_64, kv_heads, group,
+                          sm_scale, logit_cap, out};
+    const int tokens_per_item = std::max(1, kExtendRows / group);
+    std::vector<int64_t> item_request, item_first_token;
+    for (int b = 0; b < batch; ++b) {
+        const int64_t n_new = qo_indptr[b + 1] - qo_indptr[b];
+        if (kv_indptr[b + 1] == kv_indptr[b]) continue;
+        for (int64_t i0 = 0; i0 < n_new; i0 += tokens_per_item) {
+            item_request.push_back(b);
+            item_first_token.push_back(i0);
+        }
+    }
+    const int64_t items = static_cast<int64_t>(item_request.size()) * kv_heads;
+    const int threads = thread_count(num_threads);
+    // Items in reverse: a request's last query blocks see the most keys, and going first they balance the threads.
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t it = items - 1; it >= 0; --it) {
+        const int64_t block = it / kv_heads, h = it % kv_heads;
+        const int64_t b = item_request[block], i0 = item_first_token[block];
+        const int64_t n_new = qo_indptr[b + 1] - qo_indptr[b], n_kv = kv_indptr[b + 1] - kv_indptr[b];
+        const int nq = static_cast<int>(std::min<int64_t>(tokens_per_item, n_new - i0));
+        extend_block(args, qo_indptr[b], i0, nq, n_kv - n_new + i0, kv_indptr[b], h);
+    }
+    return 0;
+}
+
+}  // extern "C"
+
+extern "C" {
+
+// out (rows, n) = x (rows, k) @ w (k, n), every row on its own and each entry a sequential sum over k: the basis
+// changes of queries and outputs, bitwise independent of the batch and the thread count (a BLAS matmul picks its
+// kernel and split by the shapes and threads it is given). n must be a multiple of 16.
+int tq_matmul_rows(const float* x, int64_t rows, int32_t k, const float* w, int32_t n, float* out,
+                   int32_t num_threads) {
+    const int threads = thread_count(num_threads);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* xr = x + r * k;
+        float* o = out + r * n;
+        for (int j0 = 0; j0 < n; j0 += 64) {
+            const int width = std::min(64, n - j0);
+            float c[64] = {};
+            for (int i = 0; i < k; ++i) {
+                const float xv = xr[i];
+                const float* wr = w + static_cast<int64_t>(i) * n + j0;
+                for (int j = 0; j < width; ++j) c[j] += xv * wr[j];
+            }
+            std::memcpy(o + j0, c, sizeof(float) * width);
+        }
+    }
+    return 0;
+}
+
+}  // extern "C"
