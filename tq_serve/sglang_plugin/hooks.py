@@ -8,6 +8,9 @@
   TurboQuantKVPool bound to the same layout, so the pool allocates exactly what the capacity computation charged.
 
 Both pass every call through untouched unless turboquant is the attention backend.
+
+- metrics: after PoolStats.update_scheduler_stats (SGLang publishing its pool gauges, metrics on), the packed pool's
+  slots in use are published as TurboQuant's own gauges (tq_serve.metrics).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Callable
 from sglang.srt.arg_groups.model_override_base import attention_backends_of
 from sglang.srt.runtime_context import get_parallel
 
+from tq_serve import metrics
 from tq_serve.kernels.layout import KVLayout
 
 from .config import BACKEND_NAME, TurboQuantConfig
@@ -75,3 +79,8 @@ def resolve_kv_pool_class(config: TurboQuantConfig, original: Callable, kvc, *, 
     from .pool import TurboQuantKVPool  # imports the memory pool module: only in processes that build a pool
 
     return TurboQuantKVPool.bind(kv_layout_of(kvc, config), config)
+
+
+def publish_pool_slots(result: None, pool_stats, stats) -> None:
+    """AFTER hook of PoolStats.update_scheduler_stats: the same accounting SGLang's sglang:kv_* gauges get."""
+    metrics.publish_slots(pool_stats.full_capacity, pool_stats.full_available_size, pool_stats.full_evictable_size)

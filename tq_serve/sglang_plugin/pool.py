@@ -32,6 +32,7 @@ import torch
 from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
 from sglang.srt.mem_cache.memory_pool import KvBufferDesc, MHATokenToKVPool, unwrap_write_loc
 
+from tq_serve import metrics
 from tq_serve.kernels.layout import KVLayout
 from tq_serve.kernels.packed import PackedVectors
 from tq_serve.kernels.quantizer import TurboQuantizer, get_quantizer
@@ -103,6 +104,7 @@ class TurboQuantKVPool(MHATokenToKVPool):
         super().__init__(size, page_size, dtype, head_num, head_dim, layer_num, device, enable_memory_saver, **kwargs)
         if self.use_hnd:
             raise NotImplementedError("TurboQuant needs the NHD slot-row layout: unset SGLANG_USE_HND_KVCACHE")
+        metrics.publish_layout(layout, size, self.start_layer)
 
     def _create_buffers(self) -> None:
         rows = self.size + self.page_size
