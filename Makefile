@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tq_installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast serve lint format bench loadtest
+.PHONY: install test test-fast serve lint format bench loadtest soak
 
 # Re-installs only when pyproject.toml changed since the last install; a no-op otherwise.
 $(STAMP): pyproject.toml
@@ -48,3 +48,10 @@ WORKLOAD ?= mixed
 loadtest: install
 	$(PY) loadtest/run.py --host $(HOST) --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) \
 		--workload $(WORKLOAD) $(LOADTEST_ARGS)
+
+# Pool-pressure soak: starts its own server with a small KV pool, loads it past capacity for SOAK_DURATION, probes
+# greedy outputs and checks every slot comes back (loadtest/soak.py). Heavy: run it alone on the machine.
+SOAK_DURATION ?= 10m
+SOAK_ARGS ?=
+soak: install
+	$(PY) loadtest/soak.py --duration $(SOAK_DURATION) $(SOAK_ARGS)
