@@ -1,6 +1,5 @@
 """The batched CPU decode (kernels/torch_batched.py) equals the per-request reference on the same packed data."""
 
-import contextlib
 import math
 
 import pytest
@@ -115,32 +114,6 @@ def test_a_request_gets_bitwise_the_same_output_alone_and_in_a_batch(variant, ca
             q[b : b + 1], k_pool, v_pool, kv_indptr[b : b + 2] - kv_indptr[b], slots[kv_indptr[b] :], kq, vq, 0.09, cap
         )
         assert torch.equal(alone[0], batch[b])
-
-
-def test_decode_is_bitwise_the_same_on_one_thread_and_on_torchs_threads(monkeypatch, poisoned_pool):
-    """A decode step's per-request calls run on one thread (torch_batched._one_thread); the result must not depend
-    on that."""
-    gen = torch.Generator().manual_seed(8)
-    d, hkv, lens = 128, 2, [40, 7, 130, 1, 64]
-    kq = get_quantizer(VectorLayout(head_dim=d, bits=4))
-    vq = get_quantizer(VectorLayout(head_dim=d, bits=3))
-    k_pool, v_pool = poisoned_pool(400, hkv, kq), poisoned_pool(400, hkv, vq)
-    slots = torch.randperm(400, generator=gen)[: sum(lens)]
-    reference.write_kv(
-        k_pool, v_pool, *(torch.randn(len(slots), hkv, d, generator=gen) for _ in range(2)), slots, kq, vq
-    )
-    kv_indptr = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
-    q = torch.randn(len(lens), 2 * hkv, d, generator=gen)
-    args = (q, k_pool, v_pool, kv_indptr, slots, kq, vq, 0.09)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        one = torch_batched.decode_attention(*args)
-        assert torch.get_num_threads() == 2  # restored
-        monkeypatch.setattr(torch_batched, "_one_thread", lambda device: contextlib.nullcontext())
-        assert torch.equal(torch_batched.decode_attention(*args), one)
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(("variant", "cap"), [("mse", 0.0), ("prod", 0.0), ("mse", 20.0)])
