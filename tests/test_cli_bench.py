@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tq_serve.bench import capacity
-from tq_serve.bench.harness import BF16, KVSetting, kv_settings, model_flags, table, write_report
+from tq_serve.bench.harness import BF16, KVSetting, kv_settings, model_flags, server_process, table, write_report
 from tq_serve.bench.quality import chunks_of, compare
 from tq_serve.registry import ModelShape
 
@@ -65,3 +65,11 @@ def test_report_without_a_path_is_only_returned(tmp_path):
 def test_model_flags_add_the_path_only_when_given(tmp_path):
     assert model_flags("tq-tiny", None) == ["--model", "tq-tiny"]
     assert model_flags("llama-3.1-8b", tmp_path) == ["--model", "llama-3.1-8b", "--model-path", str(tmp_path)]
+
+
+def test_a_server_that_cannot_start_fails_with_the_end_of_its_log(tmp_path):
+    never_ready = []
+    with pytest.raises(RuntimeError, match=r"exited with 2; its log ends:\n.*unknown model 'gpt-9'"):
+        with server_process(["--model", "gpt-9"], tmp_path / "server.log", ready=never_ready.append):
+            pass
+    assert never_ready and never_ready[0].startswith("http://127.0.0.1:")  # the predicate is asked with the URL
