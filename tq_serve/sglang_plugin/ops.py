@@ -8,9 +8,9 @@ Both implement the same semantics (tq_serve.kernels.reference is the specificati
                      logit_cap, max_new_tokens=None)
 
 Chosen once per layer, when the pool is built:
-- CPU: torch, kernels/torch_batched.py: the reference's semantics (writes are the reference itself) with the
-  batch's K/V unpacked together through byte tables and fused attention calls per request (batch-invariant), a
-  decode step's calls on one thread. They read only the slots a batch names.
+- CPU: the C++ kernel of kernels/cpu_attention.py (writes are the reference itself): decode and extend read the
+  packed code rows of the slots a batch names, in a fixed reduction order (batch- and thread-invariant). Where it
+  cannot be built (no C++ compiler), the torch path of kernels/torch_batched.py, with one log line.
 - CUDA: the Triton kernels (kernels/triton_*.py) with the launch config tuned for this GPU, head_dim, bits and GQA
   group (tq_serve.autotune.store.lookup, which falls back to a rule with one log line); index range checks are off
   (each is a device sync; SGLang's allocator owns the slots). A layer whose layout the kernels do not read (see
@@ -28,7 +28,7 @@ from functools import partial
 
 import torch
 
-from tq_serve.kernels import reference, torch_batched
+from tq_serve.kernels import cpu_attention, reference, torch_batched
 from tq_serve.kernels.layout import VectorLayout
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,18 @@ TORCH_OPS = LayerOps(
     decode_attention=torch_batched.decode_attention,
     extend_attention=torch_batched.extend_attention,
 )
+
+CPU_KERNEL_OPS = LayerOps(
+    name="cpu-kernel",
+    write_kv=reference.write_kv,
+    decode_attention=cpu_attention.decode_attention,
+    extend_attention=cpu_attention.extend_attention,
+)
+
+
+def cpu_ops() -> LayerOps:
+    """The CPU kernel where it builds (compiled once per machine, then cached), else the torch path."""
+    return CPU_KERNEL_OPS if cpu_attention.available() else TORCH_OPS
 
 
 def _tuned_config(kernel: str, k: VectorLayout, v: VectorLayout, group: int) -> dict:
@@ -94,13 +106,13 @@ def layer_ops(
 ) -> LayerOps:
     """The implementation for one layer of (K, V) layouts, GQA `group` query heads per KV head, on `device_type`."""
     if device_type != "cuda" and not use_triton_interpreter:
-        return TORCH_OPS
+        return cpu_ops()
     from tq_serve.kernels.triton_common import unsupported_reason
 
     reason = unsupported_reason(k) or unsupported_reason(v)
     if reason is not None:
         logger.info(
-            "TurboQuant layer with K %s bits, V %s bits: torch ops (Triton kernels: %s)", k.bits, v.bits, reason
+            "TurboQuant layer with K %s bits, V %s bits: CPU/torch ops (Triton kernels: %s)", k.bits, v.bits, reason
         )
-        return TORCH_OPS
+        return TORCH_OPS if device_type == "cuda" else cpu_ops()
     return _triton_ops(k, v, group, check_indices=device_type != "cuda")
