@@ -7,10 +7,12 @@ import sys
 
 BENCHMARKS = {
     "distortion": "quantizer distortion D_mse / D_prod against the paper's values (CPU)",
-    "kernels": "Triton decode/write kernels vs bf16 attention (CUDA GPU)",
+    "kernels": "Triton kernels: --static counts registers/spills/SASS for sm_90a (no GPU); timed on a CUDA GPU",
+    "gpu": "the whole GPU check: correctness, decode/extend/write vs bf16, autotune, 8B decode step (CUDA GPU)",
     "capacity": "KV-cache token capacity, bf16 vs TurboQuant, as SGLang computes it",
     "quality": "perplexity and greedy agreement of the bundled model through the serving path",
     "serve": "output tokens/s, TurboQuant vs SGLang's bf16 backend",
+    "cpu-attention": "one layer's decode/extend attention on a CPU, the C++ kernel vs bf16 SDPA",
     "capacity-win": "prefix-cache hit rate and TTFT at equal KV memory, TurboQuant vs bf16 (sessions workload)",
 }
 
