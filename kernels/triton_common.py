@@ -1,29 +1,27 @@
-"""What the Triton kernels share: how a packed record (layout.py) becomes register tiles, and back.
+"""What the Triton kernels share: how packed code rows (layout.py, packed.py) become bf16 register tiles.
 
-Tile order. A kernel never rebuilds a vector in channel order. Each segment of a record is read as one tile of
-PIECES * UP columns, where a *piece* is the run of channels that one shift of the segment's finest plane yields:
+A record's code row is read as up to three *parts*: the Lloyd-Max codes of segment 0, of segment 1 (fractional
+bits), and the QJL sign plane (prod); a raw (16-bit) layout is one part, the bf16 vector itself. A part of n channels
+whose finest plane has p bits is U = n * p / 8 bytes; byte j holds the channels start + piece * U + j, piece < 8 / p.
+The kernels decode a part byte by byte, in *byte-major* tile order:
 
-    segment of n channels, finest plane p_min bits:  U = n * p_min / 8 bytes,  PIECES = 8 / p_min
-    tile column  piece * UP + j  (j < UP = next power of two >= U)  <->  channel  start + piece * U + j,  valid if j < U
+    tile column  j * PIECES + piece   <->   channel  start + piece * U + j          (j < U; U padded to UP)
 
-    plane of p bits (nbytes = m * U, m = p * PIECES / 8):  byte  (piece % m) * U + j,  shift  (piece // m) * p
+Each byte is loaded once (a code row is 16-byte aligned: whole rows come in 16-byte loads) and expanded in
+registers through a *pair table*: entry (byte, e) holds the bf16 values of pieces 2e and 2e + 1 packed in one int32,
+so one lookup yields two coordinates, already in the pair order a bf16 dot operand wants (a 4-bit byte is one
+lookup; a 2-bit byte two; a 3-bit code, a 2-bit and a 1-bit plane, indexes a 128-entry table by two crumbs and
+their two high bits). The tables live in registers and are read with tl.gather (shared memory on a GPU). The
+query is permuted into the same column order by the launcher (once per step), the value accumulator lives in it,
+and the launcher maps it back; padded columns (j >= U: head_dim 80/96) carry zero query weight and are dropped.
 
-So every plane of a piece is a contiguous run of U bytes (vectorized loads, each byte fetched from DRAM once and
-re-read from L1 by the other pieces of its plane), unpacking is a shift and a mask, and a 3-bit code (2-bit plane +
-1-bit plane) is assembled column by column without any gather across registers. The query is loaded in the same
-column order and the value accumulator lives in it; both map back to channels only at the load/store of that one
-vector. Padded columns (j >= U, for head_dim 80/96) load as 0 and are never stored. QJL signs (prod) are a 1-bit
-plane over all head_dim channels and use the same order with PIECES = 8. A raw (16-bit) record is a single segment
-in channel order whose bytes are the bfloat16 values.
+Dots take bf16 operands with float32 accumulation (dot_precision "bf16": the 2^-9 rounding of a centroid is far
+below the 2-4 bit quantization error); "ieee", "tf32" and "tf32x3" read float32 centroid tables instead, for an exact
+comparison with the torch reference. Under the Triton interpreter bf16 operands are cast to float32 before tl.dot
+(the interpreter multiplies bf16 dots wrongly).
 
-Centroids are looked up with one load from a (32,) float32 codebook buffer (16 entries per segment): the buffer is a
-single 128-byte line that stays in L1, it is one instruction per element whatever the bits, where a tl.where chain
-costs 2**bits - 1 selects per element (15 at 4 bits) and ALU time is what the unpack competes with. Loads issue at a
-quarter of the ALU rate, so if a profile shows the load unit saturated, the next step is a byte -> centroid-pair table
-(one load per byte of a 4-bit plane yields two channels).
-
-The constant parameters of one record layout are passed to the kernels as flat constexprs named `<P>_...` with
-P = K or V (see RecordTiles.constexprs); kernels and helpers take them in the same order.
+A layout reaches a kernel as one compile-time RecordSpec (a NamedTuple of PartSpecs), built here from the
+VectorLayout, never as loose integers.
 """
 
 from __future__ import annotations
@@ -31,57 +29,53 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 from functools import cache
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from .launch_checks import check_index_tensor, check_kv_indptr, check_pool, check_same_device
 from .layout import VectorLayout
 from .packed import PackedVectors
 from .quantizer import TurboQuantizer
 
-CODEBOOK_STRIDE = 16  # entries reserved per segment in the codebook and boundary buffers (4 bits at most)
+ABSENT: tl.constexpr = tl.constexpr(0)
+TABLE: tl.constexpr = tl.constexpr(1)  # one plane of 1, 2 or 4 bits: pair table indexed by byte * PAIRS + e
+SPLIT3: tl.constexpr = tl.constexpr(2)  # 3-bit codes: a 2-bit plane and a 1-bit plane, 128-entry pair table
+RAW: tl.constexpr = tl.constexpr(3)  # the bf16 vector itself
+
+
+class PartSpec(NamedTuple):
+    """One decoded part of a code row (see the module docstring). Host-only fields: start, channels."""
+
+    kind: int = 0
+    offset: int = 0  # first byte of the (low) plane in the code row; for RAW, the first element
+    high_offset: int = 0  # SPLIT3: first byte of the 1-bit plane
+    u: int = 1  # bytes per piece run (real)
+    up: int = 1  # u padded to a power of two
+    pieces: int = 2  # values per byte
+    bits: int = 4  # width of one field of a TABLE plane
+    pairs: int = 1  # table entries per byte (pieces / 2)
+    table: int = 0  # first entry of this part's pair table in the record's table
+    col: int = 0  # first column of this part in the record's tile vector (query / output)
+    width: int = 1  # tile columns: up * pieces
+    start: int = 0  # first channel
+
+
+class RecordSpec(NamedTuple):
+    """The compile-time description of one VectorLayout's code rows and norms."""
+
+    seg0: PartSpec
+    seg1: PartSpec
+    signs: PartSpec  # prod: QJL signs, scaled by n * gamma; else absent
+    norms: int  # norms per vector: 0 raw, 1 mse (n), 2 prod (n, gamma)
+    width: int  # total tile columns of the parts
+    table_size: int  # entries of the record's pair table (a power of two)
+
+
 MAX_SEGMENTS = 2
-
-
-@dataclass(frozen=True, kw_only=True)
-class SegmentTile:
-    """Tile geometry of one segment (see the module docstring). For a raw record: the whole vector as bf16."""
-
-    start: int
-    u: int
-    up: int
-    pieces: int
-    bits: int
-    a_off: int
-    a_bits: int
-    b_off: int  # offset of the 1-bit high plane of a 3-bit code, -1 when the segment has one plane
-
-
-@dataclass(frozen=True, kw_only=True)
-class RecordTiles:
-    """Every constant a kernel needs to read or write records of one VectorLayout."""
-
-    layout: VectorLayout
-    segments: tuple[SegmentTile, ...]
-
-    def constexprs(self, prefix: str) -> dict[str, int]:
-        lay = self.layout
-        d = lay.head_dim
-        out = {
-            f"{prefix}_RAW": int(lay.is_raw),
-            f"{prefix}_NSEG": len(self.segments),
-            f"{prefix}_PROD": int(lay.variant == "prod" and not lay.is_raw),
-            f"{prefix}_QJL_OFF": lay.qjl_offset,
-            f"{prefix}_U8": d // 8,
-            f"{prefix}_UP8": triton.next_power_of_2(d // 8),
-        }
-        empty = SegmentTile(start=0, u=1, up=1, pieces=16, bits=1, a_off=0, a_bits=1, b_off=-1)
-        for i in range(MAX_SEGMENTS):
-            seg = self.segments[i] if i < len(self.segments) else empty
-            for name in ("start", "u", "up", "pieces", "bits", "a_off", "a_bits", "b_off"):
-                out[f"{prefix}_S{i}_{name.upper()}"] = getattr(seg, name)
-        return out
+SPLIT3_TABLE = 128  # entries of a 3-bit part's pair table: index = two crumbs | their high bits at bits 4 and 6
 
 
 def unsupported_reason(layout: VectorLayout) -> str | None:
@@ -97,9 +91,16 @@ def unsupported_reason(layout: VectorLayout) -> str | None:
     return None
 
 
+def _table_part(plane_offset: int, bits: int, channels: int, start: int, table: int, col: int) -> PartSpec:
+    pieces = 8 // bits
+    u = channels * bits // 8
+    up = triton.next_power_of_2(u)
+    return PartSpec(TABLE.value, plane_offset, 0, u, up, pieces, bits, pieces // 2, table, col, up * pieces, start)
+
+
 @cache
-def record_tiles(layout: VectorLayout) -> RecordTiles:
-    """The tile geometry of `layout`; raises ValueError for layouts the kernels were not built for."""
+def record_spec(layout: VectorLayout) -> RecordSpec:
+    """The RecordSpec of `layout`; raises ValueError for layouts the kernels were not built for."""
     reason = unsupported_reason(layout)
     if reason is not None:
         raise ValueError(
@@ -107,148 +108,220 @@ def record_tiles(layout: VectorLayout) -> RecordTiles:
             "(tq_serve.kernels.reference) for this layer"
         )
     d = layout.head_dim
+    absent = PartSpec()
     if layout.is_raw:
-        seg = SegmentTile(start=0, u=d, up=triton.next_power_of_2(d), pieces=1, bits=16, a_off=0, a_bits=16, b_off=-1)
-        return RecordTiles(layout=layout, segments=(seg,))
-    segments = []
+        up = triton.next_power_of_2(d)
+        raw = PartSpec(RAW.value, 0, 0, d, up, 1, 16, 1, 0, 0, up, 0)
+        return RecordSpec(raw, absent, absent, 0, up, 2)
+    parts, table, col = [], 0, 0
     for seg in layout.segments:
-        first, finest = seg.planes[0], seg.planes[-1]
-        u = finest.nbytes
-        segments.append(
-            SegmentTile(
-                start=seg.start,
-                u=u,
-                up=triton.next_power_of_2(u),
-                pieces=finest.per_byte,
-                bits=seg.bits,
-                a_off=first.offset,
-                a_bits=first.bits,
-                b_off=finest.offset if len(seg.planes) == 2 else -1,
+        low = seg.planes[0]
+        if len(seg.planes) == 1:
+            part = _table_part(low.offset, low.bits, seg.channels, seg.start, table, col)
+            table += 256 * part.pairs
+        else:
+            u = low.nbytes
+            up = triton.next_power_of_2(u)
+            part = PartSpec(
+                SPLIT3.value, low.offset, seg.planes[1].offset, u, up, 4, 2, 2, table, col, 4 * up, seg.start
             )
-        )
-    return RecordTiles(layout=layout, segments=tuple(segments))
+            table += SPLIT3_TABLE
+        parts.append(part)
+        col += part.width
+    seg1 = parts[1] if len(parts) > 1 else absent
+    signs = absent
+    if layout.variant == "prod":
+        signs = _table_part(layout.qjl_offset, 1, d, 0, table, col)
+        table += 256 * signs.pairs
+        col += signs.width
+    return RecordSpec(parts[0], seg1, signs, layout.norms_per_vector, col, triton.next_power_of_2(table))
+
+
+# ----------------------------------------------------------------------------------------------- host-side tensors
+
+
+def part_channels(part: PartSpec) -> torch.Tensor:
+    """Channel of each tile column of `part` (width,), -1 for padded columns."""
+    col = torch.arange(part.width)
+    j, piece = col // part.pieces, col % part.pieces
+    return torch.where(j < part.u, part.start + piece * part.u + j, -1)
+
+
+def _pair_entries(part: PartSpec, values: torch.Tensor) -> torch.Tensor:
+    """The pair table of one part as (entries, 2) float32: entry i -> values of its two columns."""
+    if part.kind == SPLIT3.value:
+        i = torch.arange(SPLIT3_TABLE)
+        lo = (i & 3) | (((i >> 4) & 1) << 2)
+        hi = ((i >> 2) & 3) | (((i >> 6) & 1) << 2)
+        return torch.stack([values[lo], values[hi]], dim=1)
+    byte, e = torch.arange(256).repeat_interleave(part.pairs), torch.arange(part.pairs).repeat(256)
+    mask = (1 << part.bits) - 1
+    lo = (byte >> (2 * e * part.bits)) & mask
+    hi = (byte >> ((2 * e + 1) * part.bits)) & mask
+    return torch.stack([values[lo], values[hi]], dim=1)
 
 
 @dataclass(frozen=True)
 class KernelTensors:
-    """Device tensors of one quantizer in the form the kernels read."""
+    """Per (quantizer, device): what the kernels read besides the pool."""
 
-    rotation: torch.Tensor  # (d, d) float32 R, contiguous
-    qjl: torch.Tensor  # (d, d) float32 S (prod), else a (1,) placeholder
-    codebook: torch.Tensor  # (32,) float32: centroids of segment i at [16 i, 16 i + 2**bits)
-    boundaries: torch.Tensor  # (32,) float32: decision boundaries of segment i at [16 i, 16 i + 2**bits - 1)
+    pairs_bf16: torch.Tensor  # (table_size,) int32: bf16 of the lower column | bf16 of the upper column << 16
+    pairs_f32: torch.Tensor  # (2 * table_size,) float32: the same pairs, exact
+    columns: torch.Tensor  # (width,) int64: channel of each tile column of the seg parts, -1 padded
+    sign_columns: torch.Tensor  # (width of the signs part,) int64, empty without QJL
+    rotation: torch.Tensor  # (d, d) float32
+    qjl: torch.Tensor  # (d, d) float32 S (prod), else (1,)
+    codebook: torch.Tensor  # (16 * MAX_SEGMENTS,) float32, segment i at 16 i
+    boundaries: torch.Tensor  # (16 * MAX_SEGMENTS,) float32
 
 
-_kernel_tensors: weakref.WeakKeyDictionary[TurboQuantizer, dict[torch.device, KernelTensors]] = (
-    weakref.WeakKeyDictionary()
-)
+CODEBOOK_STRIDE = 16
+_kernel_tensors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def kernel_tensors(quantizer: TurboQuantizer, device: torch.device) -> KernelTensors:
     """Built once per (quantizer, device); launchers call this on every step, so it must stay a dict lookup."""
     per_device = _kernel_tensors.setdefault(quantizer, {})
     if device not in per_device:
-        t = quantizer.tensors(device)
-        cb = torch.zeros(CODEBOOK_STRIDE * MAX_SEGMENTS, dtype=torch.float32, device=device)
+        spec = record_spec(quantizer.layout)
+        t = quantizer.tensors("cpu")
+        pairs = torch.zeros(spec.table_size, 2, dtype=torch.float32)
+        seg_parts = [p for p in (spec.seg0, spec.seg1) if p.kind in (TABLE.value, SPLIT3.value)]
+        for part, values in zip(seg_parts, t.centroids, strict=True):
+            entries = _pair_entries(part, values.float())
+            pairs[part.table : part.table + entries.shape[0]] = entries
+        if spec.signs.kind:
+            entries = _pair_entries(spec.signs, torch.tensor([-1.0, 1.0]))
+            pairs[spec.signs.table : spec.signs.table + entries.shape[0]] = entries
+        halves = pairs.to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
+        packed = halves[:, 0] | (halves[:, 1] << 16)
+        cb = torch.zeros(CODEBOOK_STRIDE * MAX_SEGMENTS, dtype=torch.float32)
         bnd = torch.zeros_like(cb)
         for i, (c, b) in enumerate(zip(t.centroids, t.boundaries, strict=True)):
             cb[CODEBOOK_STRIDE * i : CODEBOOK_STRIDE * i + c.numel()] = c
             bnd[CODEBOOK_STRIDE * i : CODEBOOK_STRIDE * i + b.numel()] = b
+        columns = torch.cat([part_channels(p) for p in (spec.seg0, spec.seg1) if p.kind])
         per_device[device] = KernelTensors(
-            rotation=t.rotation.float().contiguous(),
-            qjl=(t.qjl if t.qjl is not None else torch.zeros(1, device=device)).float().contiguous(),
-            codebook=cb,
-            boundaries=bnd,
+            pairs_bf16=((packed + 2**31) % 2**32 - 2**31).to(torch.int32).to(device),
+            pairs_f32=pairs.reshape(-1).to(device),
+            columns=columns.to(device),
+            sign_columns=(part_channels(spec.signs) if spec.signs.kind else torch.zeros(0, dtype=torch.long)).to(
+                device
+            ),
+            rotation=t.rotation.float().contiguous().to(device),
+            qjl=(t.qjl if t.qjl is not None else torch.zeros(1)).float().contiguous().to(device),
+            codebook=cb.to(device),
+            boundaries=bnd.to(device),
         )
     return per_device[device]
+
+
+def to_tiles(x: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """(..., d) -> (..., len(columns)) in tile order, zeros in padded columns."""
+    out = x.new_zeros(*x.shape[:-1], columns.numel())
+    valid = columns >= 0
+    out[..., valid] = x[..., columns[valid]]
+    return out
+
+
+def from_tiles(t: torch.Tensor, columns: torch.Tensor, d: int) -> torch.Tensor:
+    """(..., len(columns)) in tile order -> (..., d) (padded columns dropped)."""
+    out = t.new_zeros(*t.shape[:-1], d)
+    valid = columns >= 0
+    out[..., columns[valid]] = t[..., valid]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------- triton helpers
 
 
 @triton.jit
-def tile_channels(START: tl.constexpr, U: tl.constexpr, UP: tl.constexpr, PIECES: tl.constexpr):
-    """Channel of each tile column (PIECES * UP,) and whether the column is a real channel."""
-    pos = tl.arange(0, PIECES * UP)
-    j = pos % UP
-    return START + (pos // UP) * U + j, j < U
-
-
-@triton.jit
-def load_codes(
-    rec,
-    mask,
-    U: tl.constexpr,
-    UP: tl.constexpr,
-    PIECES: tl.constexpr,
-    BITS: tl.constexpr,
-    A_OFF: tl.constexpr,
-    A_BITS: tl.constexpr,
-    B_OFF: tl.constexpr,
-):
-    """Codes (rows, PIECES * UP) int32 of one segment; rec (rows,) record pointers, mask (rows, PIECES * UP)."""
-    pos = tl.arange(0, PIECES * UP)
-    piece = pos // UP
-    j = pos % UP
-    M_A: tl.constexpr = A_BITS * PIECES // 8
-    a = tl.load(rec[:, None] + (A_OFF + (piece % M_A) * U + j)[None, :], mask=mask, other=0).to(tl.int32)
-    codes = (a >> ((piece // M_A) * A_BITS)[None, :]) & ((1 << A_BITS) - 1)
-    if BITS > A_BITS:
-        # The high bit of a 3-bit code: a 1-bit plane, the finest one, so its byte is j and its shift the piece.
-        b = tl.load(rec[:, None] + (B_OFF + j)[None, :], mask=mask, other=0).to(tl.int32)
-        codes |= ((b >> piece[None, :]) & 1) << A_BITS
-    return codes
-
-
-@triton.jit
-def load_segment(
-    rec,
-    row_mask,
-    cb_ptr,
-    SEG: tl.constexpr,
-    RAW: tl.constexpr,
-    U: tl.constexpr,
-    UP: tl.constexpr,
-    PIECES: tl.constexpr,
-    BITS: tl.constexpr,
-    A_OFF: tl.constexpr,
-    A_BITS: tl.constexpr,
-    B_OFF: tl.constexpr,
-):
-    """Rotated-domain values of one segment, (rows, PIECES * UP) float32: centroids c[idx] (norm not applied),
-    or the bf16 vector of a raw record. Padded columns and masked rows are 0."""
-    pos = tl.arange(0, PIECES * UP)
-    mask = row_mask[:, None] & ((pos % UP) < U)[None, :]
-    if RAW:
-        lo = tl.load(rec[:, None] + 2 * pos[None, :], mask=mask, other=0).to(tl.uint16)
-        hi = tl.load(rec[:, None] + 2 * pos[None, :] + 1, mask=mask, other=0).to(tl.uint16)
-        return (lo | (hi << 8)).to(tl.bfloat16, bitcast=True).to(tl.float32)
+def dot(a, b, PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
+    """a @ b with float32 accumulation: bf16 operands, or float32 operands at input_precision PRECISION."""
+    if PRECISION == "bf16":
+        if INTERPRETER:
+            out = tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
+        else:
+            out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
     else:
-        codes = load_codes(rec, mask, U, UP, PIECES, BITS, A_OFF, A_BITS, B_OFF)
-        return tl.load(cb_ptr + SEG * 16 + codes, mask=mask, other=0.0)  # 16 = CODEBOOK_STRIDE
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+    return out
+
+
+# Under TRITON_INTERPRET=1, @triton.jit yields interpreted functions: the launchers pass this to the kernels.
+INTERPRETED = not isinstance(dot, triton.runtime.JITFunction)
 
 
 @triton.jit
-def load_signs(rec, row_mask, QJL_OFF: tl.constexpr, U8: tl.constexpr, UP8: tl.constexpr):
-    """QJL signs as +-1.0, (rows, 8 * UP8) float32 in tile order (PIECES = 8); padded columns and masked rows 0."""
-    pos = tl.arange(0, 8 * UP8)
-    j = pos % UP8
-    mask = row_mask[:, None] & (j < U8)[None, :]
-    bits = tl.load(rec[:, None] + (QJL_OFF + j)[None, :], mask=mask, other=0).to(tl.int32)
-    bit = (bits >> (pos // UP8)[None, :]) & 1
-    return tl.where(mask, bit.to(tl.float32) * 2.0 - 1.0, 0.0)
+def load_table(pairs_bf16_ptr, pairs_f32_ptr, SPEC: tl.constexpr, EXACT: tl.constexpr):
+    """The record's pair table into registers: (table_size,) int32 packed bf16 pairs, or (2 table_size,) float32."""
+    if EXACT:
+        return tl.load(pairs_f32_ptr + tl.arange(0, 2 * SPEC.table_size))
+    return tl.load(pairs_bf16_ptr + tl.arange(0, SPEC.table_size))
 
 
 @triton.jit
-def pack_plane(values, ROWS: tl.constexpr, BITS: tl.constexpr, PIECES: tl.constexpr, UP: tl.constexpr):
-    """Plane values (rows, PIECES * UP) int32 < 2**BITS in tile order -> the plane's bytes (rows, M * UP) int32,
-    M = BITS * PIECES / 8: column h * UP + j of the result is byte h * U + j of the plane."""
-    M: tl.constexpr = BITS * PIECES // 8
-    PER_BYTE: tl.constexpr = 8 // BITS
-    shifts = (tl.arange(0, PER_BYTE) * BITS)[None, :, None, None]
-    blocks = tl.reshape(values, (ROWS, PER_BYTE, M, UP))
-    # The shifted values occupy disjoint bits, so the sum is the bitwise or.
-    return tl.reshape(tl.sum(blocks << shifts, axis=1), (ROWS, M * UP))
+def _lookup(table, idx, SHAPE: tl.constexpr, SIZE: tl.constexpr):
+    return tl.reshape(tl.gather(table, tl.reshape(idx, (SIZE,)), 0), SHAPE)
+
+
+@triton.jit
+def part_values(row, n_mask, table, PART: tl.constexpr, ROWS: tl.constexpr, EXACT: tl.constexpr):
+    """Values of one part of ROWS code rows at pointers row (ROWS,): (ROWS, PART.width), bf16 (float32 if EXACT),
+    in byte-major tile order. Masked rows and padded columns hold table entries of byte 0 (finite): the caller gives
+    them zero weight. A RAW part's `row` points to the values themselves (bf16 vectors, or triton_extend's scratch)."""
+    j = tl.arange(0, PART.up)
+    mask = n_mask[:, None] & (j < PART.u)[None, :]
+    if PART.kind == RAW:
+        values = tl.load(row[:, None] + (PART.offset + j)[None, :], mask=mask, other=0.0)
+        if EXACT:
+            values = values.to(tl.float32)
+    else:
+        b = tl.load(row[:, None] + (PART.offset + j)[None, :], mask=mask, other=0).to(tl.int32)
+        e = tl.arange(0, PART.pairs)
+        if PART.kind == SPLIT3:
+            # The high bit of column (j, piece) sits in byte j % u1 of the 1-bit plane at bit j // u1 + 2 piece.
+            u1: tl.constexpr = PART.u // 2
+            if PART.u == PART.up:
+                # Load the u1 high bytes once and lay them out as j = t * u1 + j' (t = j // u1), pre-shifted by t.
+                j1 = tl.arange(0, u1)
+                hb = tl.load(row[:, None] + (PART.high_offset + j1)[None, :], mask=n_mask[:, None], other=0)
+                hb = hb.to(tl.int32)
+                h = tl.reshape(tl.permute(tl.join(hb, hb >> 1), (0, 2, 1)), (ROWS, PART.up))
+            else:
+                h = tl.load(row[:, None] + (PART.high_offset + j % u1)[None, :], mask=mask, other=0).to(tl.int32)
+                h = h >> (j // u1)[None, :]
+            # pair e: two crumbs (bits 4e..4e+3 of the low byte) and their high bits (bits 4e and 4e + 2 of h),
+            # indexed as crumbs | high bits at 4 and 6 (a 128-entry table with holes)
+            shift = (4 * e)[None, None, :]
+            idx = ((b[:, :, None] >> shift) & 15) | (((h[:, :, None] >> shift) & 5) << 4)
+        else:
+            idx = b[:, :, None] * PART.pairs + e[None, None, :]
+        idx += PART.table
+        shape: tl.constexpr = (ROWS, PART.up, PART.pairs)
+        size: tl.constexpr = ROWS * PART.up * PART.pairs
+        if EXACT:
+            lo = _lookup(table, 2 * idx, shape, size)
+            hi = _lookup(table, 2 * idx + 1, shape, size)
+        else:
+            pair = _lookup(table, idx, shape, size)
+            lo = (pair & 0xFFFF).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            hi = ((pair >> 16) & 0xFFFF).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        values = tl.reshape(tl.join(lo, hi), (ROWS, PART.width))
+    return values
+
+
+@triton.jit
+def load_part(row, row_mask, PART: tl.constexpr):
+    """Rows (rows, PART.width) float32 of a tile-ordered float32 tensor: row (rows,) points at each row's columns."""
+    cols = tl.arange(0, PART.width)
+    return tl.load(row[:, None] + (PART.col + cols)[None, :], mask=row_mask[:, None], other=0.0)
+
+
+@triton.jit
+def store_part(row, row_mask, tile, PART: tl.constexpr):
+    cols = tl.arange(0, PART.width)
+    tl.store(row[:, None] + (PART.col + cols)[None, :], tile, mask=row_mask[:, None])
 
 
 @triton.jit
@@ -259,110 +332,54 @@ def soft_cap(scores, logit_cap):
 
 
 @triton.jit
-def load_query(row, row_mask, START: tl.constexpr, U: tl.constexpr, UP: tl.constexpr, PIECES: tl.constexpr):
-    """Rows (rows, PIECES * UP) float32 of a float32 (.., head_dim) tensor gathered into one segment's tile order."""
-    chan, valid = tile_channels(START, U, UP, PIECES)
-    return tl.load(row[:, None] + chan[None, :], mask=row_mask[:, None] & valid[None, :], other=0.0)
-
-
-@triton.jit
-def store_rows(row, row_mask, tile, START: tl.constexpr, U: tl.constexpr, UP: tl.constexpr, PIECES: tl.constexpr):
-    """Scatter a tile in one segment's order back to channel order (padded columns are dropped)."""
-    chan, valid = tile_channels(START, U, UP, PIECES)
-    tl.store(row[:, None] + chan[None, :], tile, mask=row_mask[:, None] & valid[None, :])
-
-
-@triton.jit
 def attend_tile(
     q0,
     q1,
-    qq,
+    qs,
     m_i,
     l_i,
     acc0,
     acc1,
-    accq,
-    k_rec,
-    v_rec,
-    k_nrm,
-    v_nrm,
+    accs,
+    k_row,
+    v_row,
+    k_norm,
+    v_norm,
     n_mask,
     visible,
-    k_cb_ptr,
-    v_cb_ptr,
-    sm_scale,
+    k_table,
+    v_table,
     logit_cap,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     HAS_CAP: tl.constexpr,
     PRECISION: tl.constexpr,
-    K_RAW: tl.constexpr,
-    K_NSEG: tl.constexpr,
-    K_PROD: tl.constexpr,
-    K_QJL_OFF: tl.constexpr,
-    K_U8: tl.constexpr,
-    K_UP8: tl.constexpr,
-    K_S0_START: tl.constexpr,
-    K_S0_U: tl.constexpr,
-    K_S0_UP: tl.constexpr,
-    K_S0_PIECES: tl.constexpr,
-    K_S0_BITS: tl.constexpr,
-    K_S0_A_OFF: tl.constexpr,
-    K_S0_A_BITS: tl.constexpr,
-    K_S0_B_OFF: tl.constexpr,
-    K_S1_START: tl.constexpr,
-    K_S1_U: tl.constexpr,
-    K_S1_UP: tl.constexpr,
-    K_S1_PIECES: tl.constexpr,
-    K_S1_BITS: tl.constexpr,
-    K_S1_A_OFF: tl.constexpr,
-    K_S1_A_BITS: tl.constexpr,
-    K_S1_B_OFF: tl.constexpr,
-    V_RAW: tl.constexpr,
-    V_NSEG: tl.constexpr,
-    V_PROD: tl.constexpr,
-    V_QJL_OFF: tl.constexpr,
-    V_U8: tl.constexpr,
-    V_UP8: tl.constexpr,
-    V_S0_START: tl.constexpr,
-    V_S0_U: tl.constexpr,
-    V_S0_UP: tl.constexpr,
-    V_S0_PIECES: tl.constexpr,
-    V_S0_BITS: tl.constexpr,
-    V_S0_A_OFF: tl.constexpr,
-    V_S0_A_BITS: tl.constexpr,
-    V_S0_B_OFF: tl.constexpr,
-    V_S1_START: tl.constexpr,
-    V_S1_U: tl.constexpr,
-    V_S1_UP: tl.constexpr,
-    V_S1_PIECES: tl.constexpr,
-    V_S1_BITS: tl.constexpr,
-    V_S1_A_OFF: tl.constexpr,
-    V_S1_A_BITS: tl.constexpr,
-    V_S1_B_OFF: tl.constexpr,
+    INTERPRETER: tl.constexpr,
 ):
-    """One step of the online softmax over a tile of BLOCK_N packed keys/values (reference.attend_packed's math).
+    """One step of the online softmax over BLOCK_N packed keys/values (reference.attend_packed's math).
 
-    q0, q1 (rows, W): R q in the tile order of K's segments; qq (rows, 8 * K_UP8): sqrt(pi/2)/d * S R q (prod K).
-    k_rec, v_rec (BLOCK_N,) code row pointers, k_nrm, v_nrm (BLOCK_N,) pointers to their norms, n_mask (BLOCK_N,)
-    which keys exist, visible (rows or 1, BLOCK_N) which a row may see. Returns the updated (m_i, l_i, acc0, acc1,
-    accq); accumulators stay in the rotated domain, scaled by nothing but the softmax weights (the norms are applied
-    to p, not to the value tile: rows x N multiplies, not N x W). Arguments of absent parts (second segment, QJL) are
-    placeholders and come back untouched.
+    q0, q1, qs (rows, part width): sm_scale * R q in the tile order of K's parts (qs: also times the QJL scale, S R q).
+    k_row, v_row (BLOCK_N,) code-row pointers, k_norm, v_norm (BLOCK_N,) pointers to each vector's norms,
+    n_mask (BLOCK_N,) which keys exist, visible (rows or 1, BLOCK_N) which a row may see. Accumulators stay in the
+    rotated domain in V's tile order; the norms scale p (rows x N multiplies), never the value tile. Absent parts'
+    arguments are placeholders and come back untouched.
     """
-    k = load_segment(k_rec, n_mask, k_cb_ptr, 0, K_RAW, K_S0_U, K_S0_UP, K_S0_PIECES, K_S0_BITS, K_S0_A_OFF,
-                     K_S0_A_BITS, K_S0_B_OFF)  # fmt: skip
-    s = tl.dot(q0, tl.trans(k), input_precision=PRECISION)
-    if K_NSEG == 2:
-        k1 = load_segment(k_rec, n_mask, k_cb_ptr, 1, K_RAW, K_S1_U, K_S1_UP, K_S1_PIECES, K_S1_BITS, K_S1_A_OFF,
-                          K_S1_A_BITS, K_S1_B_OFF)  # fmt: skip
-        s += tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
-    if not K_RAW:
-        k_norm = tl.load(k_nrm, mask=n_mask, other=0.0).to(tl.float32)
-        s = s * k_norm[None, :]
-        if K_PROD:
-            k_signs = load_signs(k_rec, n_mask, K_QJL_OFF, K_U8, K_UP8)
-            k_gamma = tl.load(k_nrm + 1, mask=n_mask, other=0.0).to(tl.float32)
-            s += tl.dot(qq, tl.trans(k_signs), input_precision=PRECISION) * (k_norm * k_gamma)[None, :]
-    s = s * sm_scale
+    EXACT: tl.constexpr = PRECISION != "bf16"
+    k = part_values(k_row, n_mask, k_table, K.seg0, BLOCK_N, EXACT)
+    s = dot(q0, tl.trans(k), PRECISION, INTERPRETER)
+    if K.seg1.kind != ABSENT:
+        k1 = part_values(k_row, n_mask, k_table, K.seg1, BLOCK_N, EXACT)
+        s += dot(q1, tl.trans(k1), PRECISION, INTERPRETER)
+    if K.norms > 0:
+        kn = tl.load(k_norm, mask=n_mask, other=0.0).to(tl.float32)
+        s = s * kn[None, :]
+    if K.signs.kind != ABSENT:
+        ks = part_values(k_row, n_mask, k_table, K.signs, BLOCK_N, EXACT)
+        s_qjl = dot(qs, tl.trans(ks), PRECISION, INTERPRETER)
+        if K.norms > 0:
+            s_qjl = s_qjl * (kn * tl.load(k_norm + 1, mask=n_mask, other=0.0).to(tl.float32))[None, :]
+        s += s_qjl
     if HAS_CAP:
         s = soft_cap(s, logit_cap)
     s = tl.where(visible, s, float("-inf"))
@@ -371,66 +388,44 @@ def attend_tile(
     p = tl.exp(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
 
-    v = load_segment(v_rec, n_mask, v_cb_ptr, 0, V_RAW, V_S0_U, V_S0_UP, V_S0_PIECES, V_S0_BITS, V_S0_A_OFF,
-                     V_S0_A_BITS, V_S0_B_OFF)  # fmt: skip
-    if V_RAW:
-        pv = p
-    else:
-        v_norm = tl.load(v_nrm, mask=n_mask, other=0.0).to(tl.float32)
-        pv = p * v_norm[None, :]
-    acc0 = acc0 * alpha[:, None] + tl.dot(pv, v, input_precision=PRECISION)
-    if V_NSEG == 2:
-        v1 = load_segment(v_rec, n_mask, v_cb_ptr, 1, V_RAW, V_S1_U, V_S1_UP, V_S1_PIECES, V_S1_BITS, V_S1_A_OFF,
-                          V_S1_A_BITS, V_S1_B_OFF)  # fmt: skip
-        acc1 = acc1 * alpha[:, None] + tl.dot(pv, v1, input_precision=PRECISION)
-    if V_PROD:
-        v_signs = load_signs(v_rec, n_mask, V_QJL_OFF, V_U8, V_UP8)
-        v_gamma = tl.load(v_nrm + 1, mask=n_mask, other=0.0).to(tl.float32)
-        accq = accq * alpha[:, None] + tl.dot(pv * v_gamma[None, :], v_signs, input_precision=PRECISION)
-    return m_new, l_i, acc0, acc1, accq
+    pv = p
+    if V.norms > 0:
+        vn = tl.load(v_norm, mask=n_mask, other=0.0).to(tl.float32)
+        pv = p * vn[None, :]
+    v = part_values(v_row, n_mask, v_table, V.seg0, BLOCK_N, EXACT)
+    acc0 = acc0 * alpha[:, None] + dot(pv, v, PRECISION, INTERPRETER)
+    if V.seg1.kind != ABSENT:
+        v1 = part_values(v_row, n_mask, v_table, V.seg1, BLOCK_N, EXACT)
+        acc1 = acc1 * alpha[:, None] + dot(pv, v1, PRECISION, INTERPRETER)
+    if V.signs.kind != ABSENT:
+        vs = part_values(v_row, n_mask, v_table, V.signs, BLOCK_N, EXACT)
+        pvs = pv
+        if V.norms > 0:
+            pvs = pv * tl.load(v_norm + 1, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        accs = accs * alpha[:, None] + dot(pvs, vs, PRECISION, INTERPRETER)
+    return m_new, l_i, acc0, acc1, accs
 
 
 # ---------------------------------------------------------------------------------------------------- launcher checks
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-INDEX_DTYPES = (torch.int32, torch.int64)
-DOT_PRECISIONS = ("ieee", "tf32", "tf32x3")
+DOT_PRECISIONS = ("bf16", "ieee", "tf32", "tf32x3")
+# Attention against the torch reference on the same packed data, as a fraction of the largest output: float32 dots
+# differ by summation order only; bf16 operands round R q, the centroids and p to 8 bits (2^-9 relative each),
+# which moves an output by up to ~1% of the largest.
+ATTENTION_TOL = {"ieee": 1e-3, "tf32x3": 1e-3, "tf32": 5e-3, "bf16": 2e-2}
 
 
-def check_pool(name: str, pool: PackedVectors, layout: VectorLayout, num_kv_heads: int | None = None) -> None:
-    """A pool must be PackedVectors of `layout`, (slots, kv_heads), each code row and norm pair contiguous."""
-    if not isinstance(pool, PackedVectors):
-        raise TypeError(f"{name}: expected PackedVectors (codes, norms) of {layout}, got {type(pool).__name__}")
-    pool.check(name, layout, dims=2)
-    if pool.codes.stride(-1) != 1 or pool.norms.stride(-1) != 1:
-        raise ValueError(
-            f"{name}: code rows and norms must be contiguous, got strides {pool.codes.stride()}, {pool.norms.stride()}"
-        )
-    if num_kv_heads is not None and pool.shape[1] != num_kv_heads:
-        raise ValueError(f"{name} has {pool.shape[1]} KV heads, expected {num_kv_heads}")
-
-
-def check_index_tensor(name: str, index: torch.Tensor) -> None:
-    if index.dtype not in INDEX_DTYPES or index.dim() != 1 or (index.numel() > 1 and index.stride(0) != 1):
-        raise ValueError(
-            f"{name}: expected a contiguous 1-D int32/int64 tensor, got {index.dtype} {tuple(index.shape)}"
-        )
-
-
-def check_slots(name: str, slots: torch.Tensor, num_slots: int) -> None:
-    """Every slot index must address the pool: a wrong one would read or corrupt other memory. Syncs the device."""
-    if slots.numel():
-        lo, hi = int(slots.min()), int(slots.max())
-        if lo < 0 or hi >= num_slots:
-            raise IndexError(f"{name} holds slots in [{lo}, {hi}] but the pool has {num_slots} slots")
-
-
-def check_same_device(**tensors: torch.Tensor) -> torch.device:
-    devices = {name: t.device for name, t in tensors.items()}
-    first = next(iter(devices.values()))
-    if any(d != first for d in devices.values()):
-        raise ValueError(f"all tensors must be on one device, got {devices}")
-    return first
+def attention_mismatch(out: torch.Tensor, ref: torch.Tensor, dot_precision: str) -> str | None:
+    """None when a kernel's attention output matches the reference within the tolerance of its dot precision."""
+    if out.shape != ref.shape or out.dtype != ref.dtype:
+        return f"shape/dtype {tuple(out.shape)} {out.dtype} vs reference {tuple(ref.shape)} {ref.dtype}"
+    if not torch.isfinite(out.float()).all():
+        return "non-finite outputs"
+    scale = max(ref.float().abs().max().item(), 1e-6)
+    err = (out.float() - ref.float()).abs().max().item() / scale
+    tol = ATTENTION_TOL[dot_precision] + (2**-8 if ref.dtype == torch.bfloat16 else 0.0)
+    return None if err <= tol else f"max error {err:.2e} of the largest output > {tol:.1e} ({dot_precision} dots)"
 
 
 def check_precision(dot_precision: str) -> None:
@@ -439,10 +434,15 @@ def check_precision(dot_precision: str) -> None:
 
 
 def check_launch(**params: int) -> None:
-    """Block sizes must be powers of two (tl.arange), and tl.dot needs at least 16 rows and columns."""
+    """Block sizes are powers of two (tl.arange); tl.dot needs at least 16 along its reduction."""
     for name, value in params.items():
         if value < 16 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+
+
+def code_view(pool: PackedVectors, spec: RecordSpec) -> torch.Tensor:
+    """The code rows as the kernels read them: uint8, or the bf16 vectors of a raw layout."""
+    return pool.codes.view(torch.bfloat16) if spec.seg0.kind == RAW.value else pool.codes
 
 
 @dataclass(frozen=True)
@@ -451,12 +451,13 @@ class AttentionLaunch:
 
     device: torch.device
     group: int  # query heads per KV head
-    q_rot: torch.Tensor  # (rows, q_heads, d) float32, R q
-    q_qjl: torch.Tensor  # (rows, q_heads, d) float32, sqrt(pi/2)/d * S R q for a prod K, else q_rot (unused)
+    q_tiles: torch.Tensor  # (rows, q_heads, K.width) float32: sm_scale * R q (and the scaled S R q) in tile order
+    k_spec: RecordSpec
+    v_spec: RecordSpec
     k_tensors: KernelTensors
     v_tensors: KernelTensors
-    constexprs: dict[str, int]  # K_* and V_* of the two layouts
-    out_width: int  # columns of the rotated-domain output: d, or 2 d when V is prod (values | QJL sums)
+    k_codes: torch.Tensor
+    v_codes: torch.Tensor
 
 
 def prepare_attention(
@@ -467,6 +468,7 @@ def prepare_attention(
     kv_indices: torch.Tensor,
     k_quantizer: TurboQuantizer,
     v_quantizer: TurboQuantizer,
+    sm_scale: float,
     *,
     dot_precision: str,
     check_indices: bool,
@@ -475,54 +477,50 @@ def prepare_attention(
     k_lay, v_lay = k_quantizer.layout, v_quantizer.layout
     if k_lay.head_dim != v_lay.head_dim:
         raise ValueError(f"K and V quantizers disagree on head_dim: {k_lay.head_dim} vs {v_lay.head_dim}")
-    k_tiles, v_tiles = record_tiles(k_lay), record_tiles(v_lay)
+    k_spec, v_spec = record_spec(k_lay), record_spec(v_lay)
     check_pool("k_pool", k_pool, k_lay)
-    check_pool("v_pool", v_pool, v_lay, k_pool.shape[1])
+    check_pool("v_pool", v_pool, v_lay, k_pool.codes.shape[1])
     if q.dim() != 3 or q.shape[-1] != k_lay.head_dim:
         raise ValueError(f"q must be (rows, q_heads, {k_lay.head_dim}), got {tuple(q.shape)}")
     if q.dtype not in FLOAT_DTYPES:
         raise ValueError(f"q: expected float16, bfloat16 or float32, got {q.dtype}")
-    if q.stride(-1) != 1:
-        raise ValueError(f"q: head_dim must be contiguous, got strides {q.stride()}")
-    if q.shape[1] % k_pool.shape[1]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of the pool's KV heads ({k_pool.shape[1]})")
+    if q.shape[1] % k_pool.codes.shape[1]:
+        raise ValueError(
+            f"query heads ({q.shape[1]}) must be a multiple of the pool's KV heads ({k_pool.codes.shape[1]})"
+        )
     check_index_tensor("kv_indptr", kv_indptr)
     check_index_tensor("kv_indices", kv_indices)
-    if kv_indptr.numel() < 1:
-        raise ValueError("kv_indptr must have batch + 1 entries, got an empty tensor")
     device = check_same_device(
-        q=q,
-        k_codes=k_pool.codes,
-        k_norms=k_pool.norms,
-        v_codes=v_pool.codes,
-        v_norms=v_pool.norms,
-        kv_indptr=kv_indptr,
-        kv_indices=kv_indices,
+        q=q, k_codes=k_pool.codes, v_codes=v_pool.codes, kv_indptr=kv_indptr, kv_indices=kv_indices
     )
     check_precision(dot_precision)
+    if kv_indptr.numel() < 1:
+        raise ValueError("kv_indptr must have batch + 1 entries, got an empty tensor")
     if check_indices:
-        if bool((kv_indptr[1:] < kv_indptr[:-1]).any()) or int(kv_indptr[0]) < 0:
-            raise ValueError(f"kv_indptr must be non-negative and non-decreasing, got {kv_indptr.tolist()}")
-        end = int(kv_indptr[-1])
-        if end > kv_indices.numel():
-            raise ValueError(f"kv_indptr (ends at {end}) overruns kv_indices ({kv_indices.numel()})")
-        check_slots("kv_indices", kv_indices[:end], min(k_pool.shape[0], v_pool.shape[0]))
+        check_kv_indptr(kv_indptr, kv_indices, min(k_pool.codes.shape[0], v_pool.codes.shape[0]))
+    kt, vt = kernel_tensors(k_quantizer, device), kernel_tensors(v_quantizer, device)
     q_rot, q_qjl = k_quantizer.rotate_query(q)
-    q_qjl = q_rot if q_qjl is None else q_qjl * k_quantizer.qjl_scale
+    tiles = [to_tiles(q_rot * sm_scale, kt.columns)]
+    if q_qjl is not None:
+        tiles.append(to_tiles(q_qjl * (sm_scale * k_quantizer.qjl_scale), kt.sign_columns))
     return AttentionLaunch(
         device=device,
-        group=q.shape[1] // k_pool.shape[1],
-        q_rot=q_rot.contiguous(),
-        q_qjl=q_qjl.contiguous(),
-        k_tensors=kernel_tensors(k_quantizer, device),
-        v_tensors=kernel_tensors(v_quantizer, device),
-        constexprs={**k_tiles.constexprs("K"), **v_tiles.constexprs("V")},
-        out_width=2 * v_lay.head_dim if v_lay.variant == "prod" and not v_lay.is_raw else v_lay.head_dim,
+        group=q.shape[1] // k_pool.codes.shape[1],
+        q_tiles=torch.cat(tiles, dim=-1).contiguous(),
+        k_spec=k_spec,
+        v_spec=v_spec,
+        k_tensors=kt,
+        v_tensors=vt,
+        k_codes=code_view(k_pool, k_spec),
+        v_codes=code_view(v_pool, v_spec),
     )
 
 
 def unrotate(out: torch.Tensor, v_quantizer: TurboQuantizer, dtype: torch.dtype) -> torch.Tensor:
-    """Rotated-domain output (rows, heads, out_width) float32 -> original domain in `dtype`, once per step."""
+    """Rotated-domain output (rows, heads, V.width) float32 in V's tile order -> original domain in `dtype`."""
     d = v_quantizer.layout.head_dim
-    acc_qjl = out[..., d:] * v_quantizer.qjl_scale if out.shape[-1] > d else None
-    return v_quantizer.unrotate_output(out[..., :d], acc_qjl).to(dtype)
+    vt = kernel_tensors(v_quantizer, out.device)
+    n = vt.columns.numel()
+    acc = from_tiles(out[..., :n], vt.columns, d)
+    acc_qjl = from_tiles(out[..., n:], vt.sign_columns, d) * v_quantizer.qjl_scale if vt.sign_columns.numel() else None
+    return v_quantizer.unrotate_output(acc, acc_qjl).to(dtype)

@@ -5,10 +5,15 @@ invariance). Semantics: reference.extend_attention.
     kv slots of request b:  | prefix (cached)  | new tokens |        query i of the new tokens sees kv < prefix + i + 1
 
     grid (requests, kv_heads, row blocks): a program owns BLOCK_M rows of the flattened (new token, query head of the
-    GQA group) grid, so one packed K/V tile is read once for the whole group; keys beyond the causal limit of its
-    last row are never read
+    GQA group) grid, so one K/V tile is read once for the whole group; keys beyond the causal limit of its last row
+    are never read
 
-Same in-register unpack and rotated-domain online softmax as decode (triton_common.attend_tile); the launcher
+Unpacking a code row costs about as much as attending one query row to it, so it must not be repeated per row
+block. When every request's rows fit one row block (decode-like extends, short chunks), each program unpacks its
+tiles itself (the same in-register pair-table unpack and online softmax as decode: triton_common.attend_tile).
+When a request spans several row blocks, `_unpack_kernel` first expands every kv position once into a scratch of
+bf16 values (norms applied, in the kernels' tile order) and the attention kernel reads that scratch as raw vectors:
+each code row is unpacked exactly once per call, and the attention is a plain bf16 flash attention. The launcher
 rotates the queries once and the output back once.
 """
 
@@ -20,7 +25,21 @@ import triton.language as tl
 
 from .packed import PackedVectors
 from .quantizer import TurboQuantizer
-from .triton_common import attend_tile, check_launch, load_query, prepare_attention, store_rows, unrotate
+from .triton_common import (
+    ABSENT,
+    INTERPRETED,
+    RAW,
+    PartSpec,
+    RecordSpec,
+    attend_tile,
+    check_launch,
+    load_part,
+    load_table,
+    part_values,
+    prepare_attention,
+    store_part,
+    unrotate,
+)
 
 __all__ = ["extend_attention_triton"]
 
@@ -28,81 +47,39 @@ __all__ = ["extend_attention_triton"]
 @triton.jit
 def _extend_kernel(
     q_ptr,
-    qq_ptr,
-    k_pool_ptr,
-    v_pool_ptr,
-    k_norm_ptr,
-    v_norm_ptr,
+    k_codes_ptr,
+    k_norms_ptr,
+    v_codes_ptr,
+    v_norms_ptr,
+    k_pairs_ptr,
+    k_pairs_f32_ptr,
+    v_pairs_ptr,
+    v_pairs_f32_ptr,
     qo_indptr_ptr,
     kv_indptr_ptr,
     kv_indices_ptr,
-    k_cb_ptr,
-    v_cb_ptr,
     out_ptr,
-    sm_scale,
     logit_cap,
     stride_q_t,
     stride_q_h,
-    stride_kp_s,
-    stride_kp_h,
-    stride_vp_s,
-    stride_vp_h,
+    stride_kc_s,
+    stride_kc_h,
     stride_kn_s,
     stride_kn_h,
+    stride_vc_s,
+    stride_vc_h,
     stride_vn_s,
     stride_vn_h,
     stride_out_t,
     stride_out_h,
+    K: tl.constexpr,
+    V: tl.constexpr,
     GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_CAP: tl.constexpr,
     PRECISION: tl.constexpr,
-    K_RAW: tl.constexpr,
-    K_NSEG: tl.constexpr,
-    K_PROD: tl.constexpr,
-    K_QJL_OFF: tl.constexpr,
-    K_U8: tl.constexpr,
-    K_UP8: tl.constexpr,
-    K_S0_START: tl.constexpr,
-    K_S0_U: tl.constexpr,
-    K_S0_UP: tl.constexpr,
-    K_S0_PIECES: tl.constexpr,
-    K_S0_BITS: tl.constexpr,
-    K_S0_A_OFF: tl.constexpr,
-    K_S0_A_BITS: tl.constexpr,
-    K_S0_B_OFF: tl.constexpr,
-    K_S1_START: tl.constexpr,
-    K_S1_U: tl.constexpr,
-    K_S1_UP: tl.constexpr,
-    K_S1_PIECES: tl.constexpr,
-    K_S1_BITS: tl.constexpr,
-    K_S1_A_OFF: tl.constexpr,
-    K_S1_A_BITS: tl.constexpr,
-    K_S1_B_OFF: tl.constexpr,
-    V_RAW: tl.constexpr,
-    V_NSEG: tl.constexpr,
-    V_PROD: tl.constexpr,
-    V_QJL_OFF: tl.constexpr,
-    V_U8: tl.constexpr,
-    V_UP8: tl.constexpr,
-    V_S0_START: tl.constexpr,
-    V_S0_U: tl.constexpr,
-    V_S0_UP: tl.constexpr,
-    V_S0_PIECES: tl.constexpr,
-    V_S0_BITS: tl.constexpr,
-    V_S0_A_OFF: tl.constexpr,
-    V_S0_A_BITS: tl.constexpr,
-    V_S0_B_OFF: tl.constexpr,
-    V_S1_START: tl.constexpr,
-    V_S1_U: tl.constexpr,
-    V_S1_UP: tl.constexpr,
-    V_S1_PIECES: tl.constexpr,
-    V_S1_BITS: tl.constexpr,
-    V_S1_A_OFF: tl.constexpr,
-    V_S1_A_BITS: tl.constexpr,
-    V_S1_B_OFF: tl.constexpr,
+    INTERPRETER: tl.constexpr,
 ):
     """Program (request b, KV head h, row block): rows r = token * GROUP + g of request b's new tokens."""
     b = tl.program_id(0)
@@ -117,49 +94,125 @@ def _extend_kernel(
     tok = rows // GROUP
     row_mask = tok < n_new
     head = (h * GROUP + rows % GROUP).to(tl.int64)
-    q_off = (q_start + tok) * stride_q_t + head * stride_q_h
-    q0 = load_query(q_ptr + q_off, row_mask, K_S0_START, K_S0_U, K_S0_UP, K_S0_PIECES)
-    q1 = tl.zeros([BLOCK_M, K_S1_PIECES * K_S1_UP], dtype=tl.float32)
-    if K_NSEG == 2:
-        q1 = load_query(q_ptr + q_off, row_mask, K_S1_START, K_S1_U, K_S1_UP, K_S1_PIECES)
-    qq = tl.zeros([BLOCK_M, 8 * K_UP8], dtype=tl.float32)
-    if K_PROD:
-        qq = load_query(qq_ptr + q_off, row_mask, 0, K_U8, K_UP8, 8)
+    q_row = q_ptr + (q_start + tok) * stride_q_t + head * stride_q_h
+    q0 = load_part(q_row, row_mask, K.seg0)
+    q1 = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
+    if K.seg1.kind != ABSENT:
+        q1 = load_part(q_row, row_mask, K.seg1)
+    qs = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
+    if K.signs.kind != ABSENT:
+        qs = load_part(q_row, row_mask, K.signs)
+    EXACT: tl.constexpr = PRECISION != "bf16"
+    k_table = load_table(k_pairs_ptr, k_pairs_f32_ptr, K, EXACT)
+    v_table = load_table(v_pairs_ptr, v_pairs_f32_ptr, V, EXACT)
 
     # Keys visible to the block's last real row; 0 when the block holds no row of this request.
     last_tok = tl.minimum((tl.program_id(2) * BLOCK_M + BLOCK_M - 1) // GROUP, n_new - 1)
     kv_end = tl.where(tl.program_id(2) * BLOCK_M < n_new * GROUP, prefix + last_tok + 1, 0)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc0 = tl.zeros([BLOCK_M, V_S0_PIECES * V_S0_UP], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_M, V_S1_PIECES * V_S1_UP], dtype=tl.float32)
-    accq = tl.zeros([BLOCK_M, 8 * V_UP8], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_M, V.seg0.width], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, V.seg1.width], dtype=tl.float32)
+    accs = tl.zeros([BLOCK_M, V.signs.width], dtype=tl.float32)
     for n0 in range(0, kv_end, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs < kv_end
         # Every row sees key 0, so no row's running max stays -inf past the first tile (no NaN from inf - inf).
         visible = n_mask[None, :] & (offs[None, :] <= prefix + tok[:, None])
         slot = tl.load(kv_indices_ptr + kv_start + offs, mask=n_mask, other=0).to(tl.int64)
-        m_i, l_i, acc0, acc1, accq = attend_tile(
-            q0, q1, qq, m_i, l_i, acc0, acc1, accq,
-            k_pool_ptr + slot * stride_kp_s + h * stride_kp_h, v_pool_ptr + slot * stride_vp_s + h * stride_vp_h,
-            k_norm_ptr + slot * stride_kn_s + h * stride_kn_h, v_norm_ptr + slot * stride_vn_s + h * stride_vn_h,
-            n_mask, visible, k_cb_ptr, v_cb_ptr, sm_scale, logit_cap, HAS_CAP, PRECISION,
-            K_RAW, K_NSEG, K_PROD, K_QJL_OFF, K_U8, K_UP8, K_S0_START, K_S0_U,
-            K_S0_UP, K_S0_PIECES, K_S0_BITS, K_S0_A_OFF, K_S0_A_BITS, K_S0_B_OFF, K_S1_START, K_S1_U, K_S1_UP,
-            K_S1_PIECES, K_S1_BITS, K_S1_A_OFF, K_S1_A_BITS, K_S1_B_OFF, V_RAW, V_NSEG, V_PROD,
-            V_QJL_OFF, V_U8, V_UP8, V_S0_START, V_S0_U, V_S0_UP, V_S0_PIECES, V_S0_BITS,
-            V_S0_A_OFF, V_S0_A_BITS, V_S0_B_OFF, V_S1_START, V_S1_U, V_S1_UP, V_S1_PIECES, V_S1_BITS, V_S1_A_OFF,
-            V_S1_A_BITS, V_S1_B_OFF
+        m_i, l_i, acc0, acc1, accs = attend_tile(
+            q0, q1, qs, m_i, l_i, acc0, acc1, accs,
+            k_codes_ptr + slot * stride_kc_s + h * stride_kc_h, v_codes_ptr + slot * stride_vc_s + h * stride_vc_h,
+            k_norms_ptr + slot * stride_kn_s + h * stride_kn_h, v_norms_ptr + slot * stride_vn_s + h * stride_vn_h,
+            n_mask, visible, k_table, v_table, logit_cap, K, V, BLOCK_N, HAS_CAP, PRECISION, INTERPRETER,
         )  # fmt: skip
 
     inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)
     out_row = out_ptr + (q_start + tok) * stride_out_t + head * stride_out_h
-    store_rows(out_row, row_mask, acc0 * inv_l[:, None], V_S0_START, V_S0_U, V_S0_UP, V_S0_PIECES)
-    if V_NSEG == 2:
-        store_rows(out_row, row_mask, acc1 * inv_l[:, None], V_S1_START, V_S1_U, V_S1_UP, V_S1_PIECES)
-    if V_PROD:
-        store_rows(out_row + HEAD_DIM, row_mask, accq * inv_l[:, None], 0, V_U8, V_UP8, 8)
+    store_part(out_row, row_mask, acc0 * inv_l[:, None], V.seg0)
+    if V.seg1.kind != ABSENT:
+        store_part(out_row, row_mask, acc1 * inv_l[:, None], V.seg1)
+    if V.signs.kind != ABSENT:
+        store_part(out_row, row_mask, accs * inv_l[:, None], V.signs)
+
+
+@triton.jit
+def _unpack_part(row, n_mask, table, scale, out, PART: tl.constexpr, BLOCK_N: tl.constexpr, EXACT: tl.constexpr):
+    values = part_values(row, n_mask, table, PART, BLOCK_N, EXACT).to(tl.float32) * scale[:, None]
+    cols = tl.arange(0, PART.width)
+    tl.store(out[:, None] + (PART.col + cols)[None, :], values.to(out.dtype.element_ty), mask=n_mask[:, None])
+
+
+@triton.jit
+def _unpack_kernel(
+    codes_ptr,
+    norms_ptr,
+    pairs_ptr,
+    pairs_f32_ptr,
+    kv_indices_ptr,
+    scratch_ptr,
+    num_kv,
+    stride_c_s,
+    stride_c_h,
+    stride_n_s,
+    stride_n_h,
+    stride_x_t,
+    stride_x_h,
+    SPEC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Program (BLOCK_N kv positions, KV head h): their vectors' parts, norms applied, into scratch rows."""
+    h = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs < num_kv
+    slot = tl.load(kv_indices_ptr + offs, mask=n_mask, other=0).to(tl.int64)
+    row = codes_ptr + slot * stride_c_s + h * stride_c_h
+    norm = norms_ptr + slot * stride_n_s + h * stride_n_h
+    out = scratch_ptr + offs.to(tl.int64) * stride_x_t + h * stride_x_h
+    EXACT: tl.constexpr = PRECISION != "bf16"
+    table = load_table(pairs_ptr, pairs_f32_ptr, SPEC, EXACT)
+    scale = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
+    if SPEC.norms > 0:
+        scale = tl.load(norm, mask=n_mask, other=0.0).to(tl.float32)
+    _unpack_part(row, n_mask, table, scale, out, SPEC.seg0, BLOCK_N, EXACT)
+    if SPEC.seg1.kind != ABSENT:
+        _unpack_part(row, n_mask, table, scale, out, SPEC.seg1, BLOCK_N, EXACT)
+    if SPEC.signs.kind != ABSENT:
+        gamma = tl.load(norm + 1, mask=n_mask, other=0.0).to(tl.float32)
+        _unpack_part(row, n_mask, table, scale * gamma, out, SPEC.signs, BLOCK_N, EXACT)
+
+
+def _scratch_spec(spec: RecordSpec) -> RecordSpec:
+    """The spec of an unpacked scratch row: each part as RAW values at its tile columns, norms already applied."""
+
+    def raw(part: PartSpec) -> PartSpec:
+        if not part.kind:
+            return part
+        return PartSpec(RAW.value, part.col, 0, part.width, part.width, 1, 16, 1, 0, part.col, part.width, 0)
+
+    return RecordSpec(raw(spec.seg0), raw(spec.seg1), raw(spec.signs), 0, spec.width, 2)
+
+
+def _unpacked(
+    pool: PackedVectors, codes: torch.Tensor, spec: RecordSpec, tensors, kv_indices, num_kv: int, dot_precision: str
+) -> torch.Tensor:
+    """The vectors at kv_indices[:num_kv], unpacked once: (num_kv, kv_heads, spec.width), bf16 (float32 for the
+    exact dot precisions), norms applied, in tile order."""
+    heads = codes.shape[1]
+    dtype = torch.bfloat16 if dot_precision == "bf16" else torch.float32
+    scratch = torch.empty(num_kv, heads, spec.width, dtype=dtype, device=codes.device)
+    if num_kv:
+        _unpack_kernel[(triton.cdiv(num_kv, UNPACK_BLOCK), heads)](
+            codes, pool.norms, tensors.pairs_bf16, tensors.pairs_f32, kv_indices, scratch, num_kv,
+            codes.stride(0), codes.stride(1), pool.norms.stride(0), pool.norms.stride(1),
+            scratch.stride(0), scratch.stride(1),
+            SPEC=spec, BLOCK_N=UNPACK_BLOCK, PRECISION=dot_precision,
+        )  # fmt: skip
+    return scratch
+
+
+UNPACK_BLOCK = 64
 
 
 def extend_attention_triton(
@@ -176,25 +229,26 @@ def extend_attention_triton(
     *,
     max_new_tokens: int | None = None,
     block_m: int | None = None,
-    block_n: int = 32,
+    block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 1,
-    dot_precision: str = "tf32x3",
+    dot_precision: str = "bf16",
     check_indices: bool = True,
 ) -> torch.Tensor:
     """New tokens of each request, causal over prefix + themselves: q (tokens, q_heads, head_dim) -> same shape in
     q.dtype, exactly as reference.extend_attention.
 
-    block_m None is 64 rows (32 above head_dim 128). max_new_tokens (the longest request's new tokens) sizes the
+    block_m None is 32 rows (16 above head_dim 128). max_new_tokens (the longest request's new tokens) sizes the
     grid; None reads it from qo_indptr (a device sync). check_indices=False skips the index checks (device syncs);
-    the caller then guarantees them.
+    the caller then guarantees them. The unpack-once path (requests longer than a row block) reads the number of kv
+    positions from kv_indptr (one sync): extends are not captured in CUDA graphs.
     """
     launch = prepare_attention(
-        q, k_pool, v_pool, kv_indptr, kv_indices, k_quantizer, v_quantizer,
+        q, k_pool, v_pool, kv_indptr, kv_indices, k_quantizer, v_quantizer, sm_scale,
         dot_precision=dot_precision, check_indices=check_indices,
     )  # fmt: skip
     if block_m is None:
-        block_m = 64 if q.shape[-1] <= 128 else 32  # float32 query and value tiles of 64 x 256 need too many registers
+        block_m = 32 if q.shape[-1] <= 128 else 16  # float32 accumulators of 32 x 256 fill the registers
     check_launch(block_m=block_m, block_n=block_n)
     if qo_indptr.dtype not in (torch.int32, torch.int64) or qo_indptr.dim() != 1 or qo_indptr.device != q.device:
         raise ValueError(f"qo_indptr: expected a 1-D int32/int64 tensor on {q.device}, got {qo_indptr.dtype} "
@@ -215,27 +269,38 @@ def extend_attention_triton(
     requests = qo_indptr.numel() - 1
     if max_new_tokens is None:
         max_new_tokens = int(qo_indptr.diff().max()) if requests else 0
-    width = launch.out_width
+    width = launch.v_spec.width
     out = torch.zeros(tokens, q_heads, width, dtype=torch.float32, device=launch.device)
-    if tokens and requests and max_new_tokens > 0:
-        grid = (requests, k_pool.shape[1], triton.cdiv(max_new_tokens * launch.group, block_m))
-        _extend_kernel[grid](
-            launch.q_rot, launch.q_qjl, k_pool.codes, v_pool.codes, k_pool.norms, v_pool.norms, qo_indptr, kv_indptr,
-            kv_indices,
-            launch.k_tensors.codebook, launch.v_tensors.codebook, out,
-            float(sm_scale), float(logit_cap),
-            launch.q_rot.stride(0), launch.q_rot.stride(1),
-            k_pool.codes.stride(0), k_pool.codes.stride(1), v_pool.codes.stride(0), v_pool.codes.stride(1),
-            k_pool.norms.stride(0), k_pool.norms.stride(1), v_pool.norms.stride(0), v_pool.norms.stride(1),
-            out.stride(0), out.stride(1),
-            GROUP=launch.group,
-            HEAD_DIM=head_dim,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            HAS_CAP=logit_cap > 0,
-            PRECISION=dot_precision,
-            **launch.constexprs,
-            num_warps=num_warps,
-            num_stages=num_stages,
-        )  # fmt: skip
+    if not (tokens and requests and max_new_tokens > 0):
+        return unrotate(out, v_quantizer, q.dtype)
+    kv_heads = k_pool.codes.shape[1]
+    k_spec, v_spec, kc, vc = launch.k_spec, launch.v_spec, launch.k_codes, launch.v_codes
+    k_norms, v_norms = k_pool.norms, v_pool.norms
+    if max_new_tokens * launch.group > block_m:
+        # Several row blocks per request would each unpack the whole prefix: unpack every kv position once instead,
+        # and attend over the bf16 scratch (norms applied, no tables).
+        num_kv = int(kv_indptr[-1])
+        kc = _unpacked(k_pool, kc, k_spec, launch.k_tensors, kv_indices, num_kv, dot_precision)
+        vc = _unpacked(v_pool, vc, v_spec, launch.v_tensors, kv_indices, num_kv, dot_precision)
+        k_spec, v_spec, k_norms, v_norms = _scratch_spec(k_spec), _scratch_spec(v_spec), kc, vc
+        kv_indices = torch.arange(num_kv, dtype=torch.int32, device=launch.device)
+    grid = (requests, kv_heads, triton.cdiv(max_new_tokens * launch.group, block_m))
+    kt, vt = launch.k_tensors, launch.v_tensors
+    _extend_kernel[grid](
+        launch.q_tiles, kc, k_norms, vc, v_norms,
+        kt.pairs_bf16, kt.pairs_f32, vt.pairs_bf16, vt.pairs_f32, qo_indptr, kv_indptr, kv_indices, out,
+        float(logit_cap), launch.q_tiles.stride(0), launch.q_tiles.stride(1), kc.stride(0), kc.stride(1),
+        k_norms.stride(0), k_norms.stride(1), vc.stride(0), vc.stride(1),
+        v_norms.stride(0), v_norms.stride(1), out.stride(0), out.stride(1),
+        K=k_spec,
+        V=v_spec,
+        GROUP=launch.group,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        HAS_CAP=logit_cap > 0,
+        PRECISION=dot_precision,
+        INTERPRETER=INTERPRETED,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )  # fmt: skip
     return unrotate(out, v_quantizer, q.dtype)

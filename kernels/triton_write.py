@@ -5,41 +5,115 @@ Per row (one token, one KV head) of head_dim d:
 
     n = ||x||,  y = R (x / n)                   tl.dot of the row block with R^T, chunked over d (BLOCK_K)
     idx_j = #{boundaries < y_j}                 = torch.bucketize(right=False): a tie takes the lower code
-    planes, shifts and masks                    pack_plane in tile order (triton_common), stored as uint8
+    planes, shifts and masks                    each plane packed in registers and stored as one contiguous run of
+                                                its code row (a 4-bit or 2-bit row: the whole row in one store)
     prod: r = y - c[idx], sign(S r) >= 0 -> 1, gamma = ||r||
-    norm (or n / ||c[idx]|| with norm correction), gamma: into the pool's norm array (float16 or float32)
+    norms: n (or n / ||c[idx]|| with norm correction), gamma, stored into the pool's norm rows
 
-The rotation is computed in the tile order of each segment (columns gathered from R^T), so codes come out in the
-order their planes are packed in and no register ever moves across columns except through the plane reshape.
-Codes match the reference bit for bit except where y_j lies within rounding of a boundary: the two sums of d products
-(torch's matmul, this tl.dot) can round differently, which moves such a code by one level (tests bound the fraction).
+The rotation is computed in the plane order of each segment (columns gathered from R^T): tile column piece * UP + j
+is channel start + piece * U + j of the segment's finest plane (U bytes), so codes come out in the order their
+planes are packed in. Codes match the reference bit for bit except where y_j lies within rounding of a boundary:
+the two sums of d products (torch's matmul, this tl.dot) can round differently, which moves such a code by one
+level. write_mismatch holds a write to that budget (tests, the autotuner and the GPU check use it).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from .launch_checks import check_index_tensor, check_pool, check_same_device, check_slots
+from .layout import VectorLayout
 from .packed import PackedVectors
-from .quantizer import TurboQuantizer
+from .quantizer import TurboQuantizer, unpack_plane
 from .triton_common import (
     FLOAT_DTYPES,
-    check_index_tensor,
     check_launch,
-    check_pool,
     check_precision,
-    check_same_device,
-    check_slots,
+    code_view,
     kernel_tensors,
-    pack_plane,
-    record_tiles,
-    tile_channels,
+    record_spec,
 )
 
-__all__ = ["write_kv_triton"]
+__all__ = ["write_kv_triton", "write_mismatch", "MAX_CODE_FLIPS", "MAX_SIGN_FLIPS"]
 
 _QJL_CHUNK = 64  # QJL projection columns per tl.dot: keeps S's tile at (width, 64) float32 for head_dim 256
+# A write may differ from the reference's only where summation order moves a code across a boundary: at most this
+# fraction of the codes, each by one level; a prod record then gets another residual, so its QJL signs may differ
+# on at most MAX_SIGN_FLIPS of them. Norms within one ulp of their dtype.
+MAX_CODE_FLIPS = 1e-3
+MAX_SIGN_FLIPS = 2e-2
+NORM_RTOL = {torch.float16: 2**-10, torch.float32: 1e-6}
+
+
+class WriteSegment(NamedTuple):
+    """Plane geometry of one segment as the write packs it (module docstring): its finest plane has U bytes."""
+
+    start: int = 0
+    u: int = 1
+    up: int = 1
+    pieces: int = 8
+    bits: int = 1
+    a_off: int = 0  # the first (or only) plane
+    a_bits: int = 1
+    b_off: int = -1  # the 1-bit high plane of a 3-bit code, -1 when the segment has one plane
+
+
+class WriteSpec(NamedTuple):
+    """One VectorLayout as the write kernel needs it."""
+
+    raw: int
+    nseg: int
+    prod: int
+    seg0: WriteSegment
+    seg1: WriteSegment
+    qjl_off: int
+    u8: int  # bytes of the QJL sign plane
+    up8: int
+
+
+def write_spec(layout: VectorLayout) -> WriteSpec:
+    record_spec(layout)  # raises for layouts the kernels do not serve
+    segs = []
+    for seg in layout.segments:
+        first, finest = seg.planes[0], seg.planes[-1]
+        u = finest.nbytes
+        b_off = seg.planes[1].offset if len(seg.planes) > 1 else -1
+        segs.append(
+            WriteSegment(
+                seg.start, u, triton.next_power_of_2(u), finest.per_byte, seg.bits, first.offset, first.bits, b_off
+            )
+        )
+    while len(segs) < 2:
+        segs.append(WriteSegment())
+    d = layout.head_dim
+    return WriteSpec(
+        int(layout.is_raw), len(layout.segments), int(layout.variant == "prod" and not layout.is_raw),
+        segs[0], segs[1], layout.qjl_offset, d // 8, triton.next_power_of_2(d // 8),
+    )  # fmt: skip
+
+
+@triton.jit
+def _tile_channels(SEG: tl.constexpr):
+    """Channel of each tile column (PIECES * UP,) of a segment and whether the column is a real channel."""
+    pos = tl.arange(0, SEG.pieces * SEG.up)
+    j = pos % SEG.up
+    return SEG.start + (pos // SEG.up) * SEG.u + j, j < SEG.u
+
+
+@triton.jit
+def _pack_plane(values, ROWS: tl.constexpr, BITS: tl.constexpr, PIECES: tl.constexpr, UP: tl.constexpr):
+    """Plane values (rows, PIECES * UP) int32 < 2**BITS in tile order -> the plane's bytes (rows, M * UP) int32,
+    M = BITS * PIECES / 8: column h * UP + j of the result is byte h * U + j of the plane."""
+    M: tl.constexpr = BITS * PIECES // 8
+    PER_BYTE: tl.constexpr = 8 // BITS
+    shifts = (tl.arange(0, PER_BYTE) * BITS)[None, :, None, None]
+    blocks = tl.reshape(values, (ROWS, PER_BYTE, M, UP))
+    # The shifted values occupy disjoint bits, so the sum is the bitwise or.
+    return tl.reshape(tl.sum(blocks << shifts, axis=1), (ROWS, M * UP))
 
 
 @triton.jit
@@ -52,30 +126,23 @@ def _load_rows(x_row, row_mask, k0, HEAD_DIM: tl.constexpr, BLOCK_K: tl.constexp
 @triton.jit
 def _quantize_segment(
     x_row,
-    rec,
+    code_row,
     row_mask,
     norm,
     rot_ptr,
     cb_ptr,
     bnd_ptr,
+    SEG_INDEX: tl.constexpr,
     SEG: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
-    START: tl.constexpr,
-    U: tl.constexpr,
-    UP: tl.constexpr,
-    PIECES: tl.constexpr,
-    BITS: tl.constexpr,
-    A_OFF: tl.constexpr,
-    A_BITS: tl.constexpr,
-    B_OFF: tl.constexpr,
 ):
     """Codes of one segment stored into its planes; returns (sum of c^2 (rows,), residual y - c (rows, W))."""
-    chan, valid = tile_channels(START, U, UP, PIECES)
-    y = tl.zeros([BLOCK_M, PIECES * UP], dtype=tl.float32)
+    chan, valid = _tile_channels(SEG)
+    y = tl.zeros([BLOCK_M, SEG.pieces * SEG.up], dtype=tl.float32)
     for k0 in range(0, D_PAD, BLOCK_K):
         x, cols = _load_rows(x_row, row_mask, k0, HEAD_DIM, BLOCK_K)
         u = x / norm[:, None]
@@ -83,70 +150,70 @@ def _quantize_segment(
         rt_mask = (cols < HEAD_DIM)[:, None] & valid[None, :]
         rt = tl.load(rot_ptr + chan[None, :] * HEAD_DIM + cols[:, None], mask=rt_mask, other=0.0)
         y += tl.dot(u, rt, input_precision=PRECISION)
-    codes = tl.zeros([BLOCK_M, PIECES * UP], dtype=tl.int32)
-    for i in tl.static_range((1 << BITS) - 1):
-        codes += (y > tl.load(bnd_ptr + SEG * 16 + i)).to(tl.int32)
+    codes = tl.zeros([BLOCK_M, SEG.pieces * SEG.up], dtype=tl.int32)
+    for i in tl.static_range((1 << SEG.bits) - 1):
+        codes += (y > tl.load(bnd_ptr + SEG_INDEX * 16 + i)).to(tl.int32)
 
-    M_A: tl.constexpr = A_BITS * PIECES // 8
-    q = tl.arange(0, M_A * UP)
-    a_bytes = pack_plane(codes & ((1 << A_BITS) - 1), BLOCK_M, A_BITS, PIECES, UP)
-    a_mask = row_mask[:, None] & ((q % UP) < U)[None, :]
-    tl.store(rec[:, None] + (A_OFF + (q // UP) * U + q % UP)[None, :], a_bytes.to(tl.uint8), mask=a_mask)
-    if BITS > A_BITS:
-        j = tl.arange(0, UP)
-        b_bytes = pack_plane((codes >> A_BITS) & 1, BLOCK_M, 1, PIECES, UP)
-        tl.store(rec[:, None] + (B_OFF + j)[None, :], b_bytes.to(tl.uint8), mask=row_mask[:, None] & (j < U)[None, :])
+    M_A: tl.constexpr = SEG.a_bits * SEG.pieces // 8
+    q = tl.arange(0, M_A * SEG.up)
+    a_bytes = _pack_plane(codes & ((1 << SEG.a_bits) - 1), BLOCK_M, SEG.a_bits, SEG.pieces, SEG.up)
+    a_mask = row_mask[:, None] & ((q % SEG.up) < SEG.u)[None, :]
+    a_cols = SEG.a_off + (q // SEG.up) * SEG.u + q % SEG.up
+    tl.store(code_row[:, None] + a_cols[None, :], a_bytes.to(tl.uint8), mask=a_mask)
+    if SEG.bits > SEG.a_bits:
+        j = tl.arange(0, SEG.up)
+        b_bytes = _pack_plane((codes >> SEG.a_bits) & 1, BLOCK_M, 1, SEG.pieces, SEG.up)
+        b_mask = row_mask[:, None] & (j < SEG.u)[None, :]
+        tl.store(code_row[:, None] + (SEG.b_off + j)[None, :], b_bytes.to(tl.uint8), mask=b_mask)
 
     seg_mask = row_mask[:, None] & valid[None, :]
-    c = tl.load(cb_ptr + SEG * 16 + codes, mask=seg_mask, other=0.0)
+    c = tl.load(cb_ptr + SEG_INDEX * 16 + codes, mask=seg_mask, other=0.0)
     return tl.sum(c * c, axis=1), tl.where(seg_mask, y - c, 0.0)
 
 
 @triton.jit
 def _store_qjl(
-    rec,
+    code_row,
     row_mask,
     residual,
     qjl_ptr,
+    SPEC: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     PRECISION: tl.constexpr,
     QJL_CHUNK: tl.constexpr,
-    QJL_OFF: tl.constexpr,
-    U8: tl.constexpr,
-    UP8: tl.constexpr,
-    U: tl.constexpr,
-    UP: tl.constexpr,
-    PIECES: tl.constexpr,
 ):
     """prod: bits sign(S r) >= 0 of the residual (tile order of the single segment) into the QJL plane."""
-    chan, valid = tile_channels(0, U, UP, PIECES)
+    chan, valid = _tile_channels(SPEC.seg0)
+    UP8: tl.constexpr = SPEC.up8
     PER_CHUNK: tl.constexpr = QJL_CHUNK // UP8
     qbytes = tl.zeros([BLOCK_M, UP8], dtype=tl.int32)
     for c0 in range(0, 8 * UP8, QJL_CHUNK):
         cc = c0 + tl.arange(0, QJL_CHUNK)
-        out_chan = (cc // UP8) * U8 + cc % UP8
+        out_chan = (cc // UP8) * SPEC.u8 + cc % UP8
         # st[p, o] = S[out_chan(o), chan(p)]: proj[o] = sum_p r_p S[out_chan(o), chan(p)] = (S r)[out_chan(o)].
-        st_mask = valid[:, None] & ((cc % UP8) < U8)[None, :]
+        st_mask = valid[:, None] & ((cc % UP8) < SPEC.u8)[None, :]
         st = tl.load(qjl_ptr + out_chan[None, :] * HEAD_DIM + chan[:, None], mask=st_mask, other=0.0)
         proj = tl.dot(residual, st, input_precision=PRECISION)
         bits = tl.reshape((proj >= 0).to(tl.int32), (BLOCK_M, PER_CHUNK, UP8))
         shifts = (c0 // UP8 + tl.arange(0, PER_CHUNK))[None, :, None]
         qbytes |= tl.sum(bits << shifts, axis=1)
     j = tl.arange(0, UP8)
-    tl.store(rec[:, None] + (QJL_OFF + j)[None, :], qbytes.to(tl.uint8), mask=row_mask[:, None] & (j < U8)[None, :])
+    mask = row_mask[:, None] & (j < SPEC.u8)[None, :]
+    tl.store(code_row[:, None] + (SPEC.qjl_off + j)[None, :], qbytes.to(tl.uint8), mask=mask)
 
 
 @triton.jit
 def _quantize_store(
     x_row,
-    rec,
-    nrm,
+    code_row,
+    norm_row,
     row_mask,
     rot_ptr,
     qjl_ptr,
     cb_ptr,
     bnd_ptr,
+    SPEC: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -154,32 +221,9 @@ def _quantize_store(
     PRECISION: tl.constexpr,
     QJL_CHUNK: tl.constexpr,
     NORM_CORRECTION: tl.constexpr,
-    RAW: tl.constexpr,
-    NSEG: tl.constexpr,
-    PROD: tl.constexpr,
-    QJL_OFF: tl.constexpr,
-    U8: tl.constexpr,
-    UP8: tl.constexpr,
-    S0_START: tl.constexpr,
-    S0_U: tl.constexpr,
-    S0_UP: tl.constexpr,
-    S0_PIECES: tl.constexpr,
-    S0_BITS: tl.constexpr,
-    S0_A_OFF: tl.constexpr,
-    S0_A_BITS: tl.constexpr,
-    S0_B_OFF: tl.constexpr,
-    S1_START: tl.constexpr,
-    S1_U: tl.constexpr,
-    S1_UP: tl.constexpr,
-    S1_PIECES: tl.constexpr,
-    S1_BITS: tl.constexpr,
-    S1_A_OFF: tl.constexpr,
-    S1_A_BITS: tl.constexpr,
-    S1_B_OFF: tl.constexpr,
 ):
-    """Quantize the rows x_row (BLOCK_M,) of one of K/V; store their code rows at rec (BLOCK_M,) and their norms at
-    nrm (BLOCK_M,) (typed pointers into the pool's norm array: n, then gamma for prod)."""
-    if RAW:
+    """Quantize the rows x_row (BLOCK_M,) of one of K/V; store code rows at code_row and norms at norm_row."""
+    if SPEC.raw:
         for k0 in range(0, D_PAD, BLOCK_K):
             x, cols = _load_rows(x_row, row_mask, k0, HEAD_DIM, BLOCK_K)
             # float32 -> bfloat16 round to nearest even by hand, as torch does: Triton's interpreter truncates.
@@ -187,8 +231,7 @@ def _quantize_store(
             bits = (x_bits + 0x7FFF + ((x_bits >> 16) & 1)) >> 16
             bits = tl.where(x != x, 0x7FC0, bits)
             mask = row_mask[:, None] & (cols < HEAD_DIM)[None, :]
-            tl.store(rec[:, None] + 2 * cols[None, :], (bits & 255).to(tl.uint8), mask=mask)
-            tl.store(rec[:, None] + 2 * cols[None, :] + 1, (bits >> 8).to(tl.uint8), mask=mask)
+            tl.store(code_row[:, None] + cols[None, :], bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
     else:
         sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k0 in range(0, D_PAD, BLOCK_K):
@@ -197,25 +240,22 @@ def _quantize_store(
         norm = tl.sqrt(sum_sq)
         safe_norm = tl.maximum(norm, 1e-30)
         c_sq, residual = _quantize_segment(
-            x_row, rec, row_mask, safe_norm, rot_ptr, cb_ptr, bnd_ptr, 0, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_K,
-            PRECISION, S0_START, S0_U, S0_UP, S0_PIECES, S0_BITS, S0_A_OFF, S0_A_BITS, S0_B_OFF,
+            x_row, code_row, row_mask, safe_norm, rot_ptr, cb_ptr, bnd_ptr, 0, SPEC.seg0, HEAD_DIM, D_PAD, BLOCK_M,
+            BLOCK_K, PRECISION,
         )  # fmt: skip
-        if NSEG == 2:
+        if SPEC.nseg == 2:
             c_sq1, _ = _quantize_segment(
-                x_row, rec, row_mask, safe_norm, rot_ptr, cb_ptr, bnd_ptr, 1, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_K,
-                PRECISION, S1_START, S1_U, S1_UP, S1_PIECES, S1_BITS, S1_A_OFF, S1_A_BITS, S1_B_OFF,
+                x_row, code_row, row_mask, safe_norm, rot_ptr, cb_ptr, bnd_ptr, 1, SPEC.seg1, HEAD_DIM, D_PAD,
+                BLOCK_M, BLOCK_K, PRECISION,
             )  # fmt: skip
             c_sq += c_sq1
         if NORM_CORRECTION:
             norm = norm / tl.maximum(tl.sqrt(c_sq), 1e-30)
-        tl.store(nrm, norm.to(nrm.dtype.element_ty), mask=row_mask)
-        if PROD:
-            _store_qjl(
-                rec, row_mask, residual, qjl_ptr, HEAD_DIM, BLOCK_M, PRECISION, QJL_CHUNK, QJL_OFF, U8, UP8,
-                S0_U, S0_UP, S0_PIECES,
-            )  # fmt: skip
+        tl.store(norm_row, norm.to(norm_row.dtype.element_ty), mask=row_mask)
+        if SPEC.prod:
+            _store_qjl(code_row, row_mask, residual, qjl_ptr, SPEC, HEAD_DIM, BLOCK_M, PRECISION, QJL_CHUNK)
             gamma = tl.sqrt(tl.sum(residual * residual, axis=1))
-            tl.store(nrm + 1, gamma.to(nrm.dtype.element_ty), mask=row_mask)
+            tl.store(norm_row + 1, gamma.to(norm_row.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
@@ -223,10 +263,10 @@ def _write_kv_kernel(
     k_ptr,
     v_ptr,
     loc_ptr,
-    k_pool_ptr,
-    v_pool_ptr,
-    k_norm_ptr,
-    v_norm_ptr,
+    k_codes_ptr,
+    k_norms_ptr,
+    v_codes_ptr,
+    v_norms_ptr,
     k_rot_ptr,
     k_qjl_ptr,
     k_cb_ptr,
@@ -241,14 +281,16 @@ def _write_kv_kernel(
     stride_k_h,
     stride_v_t,
     stride_v_h,
-    stride_kp_s,
-    stride_kp_h,
-    stride_vp_s,
-    stride_vp_h,
+    stride_kc_s,
+    stride_kc_h,
     stride_kn_s,
     stride_kn_h,
+    stride_vc_s,
+    stride_vc_h,
     stride_vn_s,
     stride_vn_h,
+    K: tl.constexpr,
+    V: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -257,50 +299,6 @@ def _write_kv_kernel(
     QJL_CHUNK: tl.constexpr,
     K_NORM_CORRECTION: tl.constexpr,
     V_NORM_CORRECTION: tl.constexpr,
-    K_RAW: tl.constexpr,
-    K_NSEG: tl.constexpr,
-    K_PROD: tl.constexpr,
-    K_QJL_OFF: tl.constexpr,
-    K_U8: tl.constexpr,
-    K_UP8: tl.constexpr,
-    K_S0_START: tl.constexpr,
-    K_S0_U: tl.constexpr,
-    K_S0_UP: tl.constexpr,
-    K_S0_PIECES: tl.constexpr,
-    K_S0_BITS: tl.constexpr,
-    K_S0_A_OFF: tl.constexpr,
-    K_S0_A_BITS: tl.constexpr,
-    K_S0_B_OFF: tl.constexpr,
-    K_S1_START: tl.constexpr,
-    K_S1_U: tl.constexpr,
-    K_S1_UP: tl.constexpr,
-    K_S1_PIECES: tl.constexpr,
-    K_S1_BITS: tl.constexpr,
-    K_S1_A_OFF: tl.constexpr,
-    K_S1_A_BITS: tl.constexpr,
-    K_S1_B_OFF: tl.constexpr,
-    V_RAW: tl.constexpr,
-    V_NSEG: tl.constexpr,
-    V_PROD: tl.constexpr,
-    V_QJL_OFF: tl.constexpr,
-    V_U8: tl.constexpr,
-    V_UP8: tl.constexpr,
-    V_S0_START: tl.constexpr,
-    V_S0_U: tl.constexpr,
-    V_S0_UP: tl.constexpr,
-    V_S0_PIECES: tl.constexpr,
-    V_S0_BITS: tl.constexpr,
-    V_S0_A_OFF: tl.constexpr,
-    V_S0_A_BITS: tl.constexpr,
-    V_S0_B_OFF: tl.constexpr,
-    V_S1_START: tl.constexpr,
-    V_S1_U: tl.constexpr,
-    V_S1_UP: tl.constexpr,
-    V_S1_PIECES: tl.constexpr,
-    V_S1_BITS: tl.constexpr,
-    V_S1_A_OFF: tl.constexpr,
-    V_S1_A_BITS: tl.constexpr,
-    V_S1_B_OFF: tl.constexpr,
 ):
     """One program: BLOCK_M rows of the flattened (token, kv_head) grid, K then V."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -309,20 +307,14 @@ def _write_kv_kernel(
     head = (rows % num_heads).to(tl.int64)
     slot = tl.load(loc_ptr + tok, mask=row_mask, other=0).to(tl.int64)
     _quantize_store(
-        k_ptr + tok * stride_k_t + head * stride_k_h, k_pool_ptr + slot * stride_kp_s + head * stride_kp_h,
-        k_norm_ptr + slot * stride_kn_s + head * stride_kn_h, row_mask,
-        k_rot_ptr, k_qjl_ptr, k_cb_ptr, k_bnd_ptr, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_K, PRECISION, QJL_CHUNK,
-        K_NORM_CORRECTION, K_RAW, K_NSEG, K_PROD, K_QJL_OFF, K_U8, K_UP8,
-        K_S0_START, K_S0_U, K_S0_UP, K_S0_PIECES, K_S0_BITS, K_S0_A_OFF, K_S0_A_BITS, K_S0_B_OFF,
-        K_S1_START, K_S1_U, K_S1_UP, K_S1_PIECES, K_S1_BITS, K_S1_A_OFF, K_S1_A_BITS, K_S1_B_OFF,
+        k_ptr + tok * stride_k_t + head * stride_k_h, k_codes_ptr + slot * stride_kc_s + head * stride_kc_h,
+        k_norms_ptr + slot * stride_kn_s + head * stride_kn_h, row_mask, k_rot_ptr, k_qjl_ptr, k_cb_ptr, k_bnd_ptr,
+        K, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_K, PRECISION, QJL_CHUNK, K_NORM_CORRECTION,
     )  # fmt: skip
     _quantize_store(
-        v_ptr + tok * stride_v_t + head * stride_v_h, v_pool_ptr + slot * stride_vp_s + head * stride_vp_h,
-        v_norm_ptr + slot * stride_vn_s + head * stride_vn_h, row_mask,
-        v_rot_ptr, v_qjl_ptr, v_cb_ptr, v_bnd_ptr, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_K, PRECISION, QJL_CHUNK,
-        V_NORM_CORRECTION, V_RAW, V_NSEG, V_PROD, V_QJL_OFF, V_U8, V_UP8,
-        V_S0_START, V_S0_U, V_S0_UP, V_S0_PIECES, V_S0_BITS, V_S0_A_OFF, V_S0_A_BITS, V_S0_B_OFF,
-        V_S1_START, V_S1_U, V_S1_UP, V_S1_PIECES, V_S1_BITS, V_S1_A_OFF, V_S1_A_BITS, V_S1_B_OFF,
+        v_ptr + tok * stride_v_t + head * stride_v_h, v_codes_ptr + slot * stride_vc_s + head * stride_vc_h,
+        v_norms_ptr + slot * stride_vn_s + head * stride_vn_h, row_mask, v_rot_ptr, v_qjl_ptr, v_cb_ptr, v_bnd_ptr,
+        V, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_K, PRECISION, QJL_CHUNK, V_NORM_CORRECTION,
     )  # fmt: skip
 
 
@@ -349,7 +341,7 @@ def write_kv_triton(
     v_quantizer: TurboQuantizer,
     *,
     block_m: int = 16,
-    block_k: int = 64,
+    block_k: int = 16,
     num_warps: int = 4,
     num_stages: int = 1,
     dot_precision: str = "ieee",
@@ -357,42 +349,40 @@ def write_kv_triton(
 ) -> None:
     """Quantize k, v (tokens, kv_heads, head_dim) and store them at pool slots out_cache_loc (tokens,), in place.
 
-    Same semantics as reference.write_kv. dot_precision "ieee" keeps the rotation an exact float32 sum (tf32 would
-    move many codes across boundaries). check_indices=False skips the range check of out_cache_loc (a device sync),
-    e.g. under CUDA-graph capture; the caller then guarantees the slots are in range.
+    Same semantics as reference.write_kv. dot_precision "ieee" keeps the rotation an exact float32 sum ("tf32" would
+    move many codes across boundaries; "tf32x3" stays within the flip budget on tensor cores). check_indices=False
+    skips the range check of out_cache_loc (a device sync), e.g. under CUDA-graph capture; the caller then
+    guarantees the slots are in range.
     """
     k_lay, v_lay = k_quantizer.layout, v_quantizer.layout
     if k_lay.head_dim != v_lay.head_dim:
         raise ValueError(f"K and V quantizers disagree on head_dim: {k_lay.head_dim} vs {v_lay.head_dim}")
-    k_tiles, v_tiles = record_tiles(k_lay), record_tiles(v_lay)
+    k_spec, v_spec = write_spec(k_lay), write_spec(v_lay)
     check_pool("k_pool", k_pool, k_lay)
-    check_pool("v_pool", v_pool, v_lay, k_pool.shape[1])
+    check_pool("v_pool", v_pool, v_lay, k_pool.codes.shape[1])
     check_index_tensor("out_cache_loc", out_cache_loc)
-    _check_vectors(k, v, k_pool.shape[1], k_lay.head_dim, out_cache_loc.numel())
-    device = check_same_device(
-        k_codes=k_pool.codes,
-        k_norms=k_pool.norms,
-        v_codes=v_pool.codes,
-        v_norms=v_pool.norms,
-        k=k,
-        v=v,
-        out_cache_loc=out_cache_loc,
-    )
+    _check_vectors(k, v, k_pool.codes.shape[1], k_lay.head_dim, out_cache_loc.numel())
+    device = check_same_device(k_pool=k_pool.codes, v_pool=v_pool.codes, k=k, v=v, out_cache_loc=out_cache_loc)
     check_precision(dot_precision)
+    if dot_precision == "bf16":
+        raise ValueError("dot_precision 'bf16' would move most codes: the write takes 'ieee', 'tf32x3' or 'tf32'")
     check_launch(block_m=block_m, block_k=block_k)
     if check_indices:
-        check_slots("out_cache_loc", out_cache_loc, min(k_pool.shape[0], v_pool.shape[0]))
+        check_slots("out_cache_loc", out_cache_loc, min(k_pool.codes.shape[0], v_pool.codes.shape[0]))
     num_rows = k.shape[0] * k.shape[1]
     if num_rows == 0:
         return
     d_pad = triton.next_power_of_2(k_lay.head_dim)
     kt, vt = kernel_tensors(k_quantizer, device), kernel_tensors(v_quantizer, device)
+    kc, vc = code_view(k_pool, record_spec(k_lay)), code_view(v_pool, record_spec(v_lay))
+    kn, vn = k_pool.norms, v_pool.norms
     _write_kv_kernel[(triton.cdiv(num_rows, block_m),)](
-        k, v, out_cache_loc, k_pool.codes, v_pool.codes, k_pool.norms, v_pool.norms,
+        k, v, out_cache_loc, kc, kn, vc, vn,
         kt.rotation, kt.qjl, kt.codebook, kt.boundaries, vt.rotation, vt.qjl, vt.codebook, vt.boundaries,
         num_rows, k.shape[1], k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_pool.codes.stride(0), k_pool.codes.stride(1), v_pool.codes.stride(0), v_pool.codes.stride(1),
-        k_pool.norms.stride(0), k_pool.norms.stride(1), v_pool.norms.stride(0), v_pool.norms.stride(1),
+        kc.stride(0), kc.stride(1), kn.stride(0), kn.stride(1), vc.stride(0), vc.stride(1), vn.stride(0), vn.stride(1),
+        K=k_spec,
+        V=v_spec,
         HEAD_DIM=k_lay.head_dim,
         D_PAD=d_pad,
         BLOCK_M=block_m,
@@ -401,8 +391,37 @@ def write_kv_triton(
         QJL_CHUNK=_QJL_CHUNK,
         K_NORM_CORRECTION=k_quantizer.norm_correction,
         V_NORM_CORRECTION=v_quantizer.norm_correction,
-        **k_tiles.constexprs("K"),
-        **v_tiles.constexprs("V"),
         num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip
+
+
+def write_mismatch(got: PackedVectors, want: PackedVectors, quantizer: TurboQuantizer) -> str | None:
+    """None when a write `got` matches the reference's `want` (same vectors) within the flip budget: codes equal
+    except at most MAX_CODE_FLIPS of them, each by one level; QJL signs within MAX_SIGN_FLIPS; norms within one ulp.
+    Otherwise what differs."""
+    lay = quantizer.layout
+    if lay.is_raw:
+        return None if torch.equal(got.codes, want.codes) else "raw bf16 rows differ"
+    codes_got, codes_want = quantizer.codes(got), quantizer.codes(want)
+    diff = (codes_got - codes_want).abs()
+    if diff.numel() and int(diff.max()) > 1:
+        return f"a code moved by {int(diff.max())} levels (a boundary flip moves it by one)"
+    flips = float((diff > 0).float().mean()) if diff.numel() else 0.0
+    if flips > MAX_CODE_FLIPS:
+        return f"{flips:.2e} of the codes differ (budget {MAX_CODE_FLIPS:.0e})"
+    norm_tol = 2 * NORM_RTOL[got.norms.dtype]
+    n_got, n_want = quantizer.norms(got), quantizer.norms(want)
+    n_rel = float(((n_got - n_want).abs() / n_want.abs().clamp_min(1e-30)).max()) if n_got.numel() else 0.0
+    if n_rel > norm_tol:
+        return f"norms differ by {n_rel:.2e} relative (tolerance {norm_tol:.1e})"
+    if lay.variant == "prod":
+        plane = quantizer.qjl_plane
+        sign_flips = float((unpack_plane(got.codes, plane) != unpack_plane(want.codes, plane)).float().mean())
+        if sign_flips > MAX_SIGN_FLIPS:
+            return f"{sign_flips:.2e} of the QJL signs differ (budget {MAX_SIGN_FLIPS:.0e})"
+        # gamma = ||y - c||: a flipped code changes it by up to the flip's share of the residual
+        g_got, g_want = quantizer.residual_norms(got), quantizer.residual_norms(want)
+        if not torch.allclose(g_got, g_want, rtol=1e-2, atol=1e-3):
+            return f"residual norms differ by up to {float((g_got - g_want).abs().max()):.2e}"
+    return None

@@ -7,7 +7,7 @@ import torch
 from tq_serve.kernels.layout import VectorLayout
 from tq_serve.kernels.packed import PackedVectors
 from tq_serve.kernels.quantizer import get_quantizer
-from tq_serve.kernels.triton_common import record_tiles, unsupported_reason
+from tq_serve.kernels.triton_common import part_channels, record_spec, unsupported_reason
 from tq_serve.kernels.triton_decode import decode_attention_triton
 from tq_serve.kernels.triton_extend import extend_attention_triton
 from tq_serve.kernels.triton_write import write_kv_triton
@@ -87,7 +87,6 @@ def test_write_rejects_before_touching_the_pool() -> None:
     ("over", "error", "match"),
     [
         (dict(q=torch.randint(0, 3, (2, 2 * HEADS, D))), ValueError, "float16, bfloat16 or float32"),
-        (dict(q=torch.randn(2, D, 2 * HEADS).transpose(1, 2)), ValueError, "head_dim must be contiguous"),
         (dict(q=torch.randn(2, 3, D)), ValueError, "multiple of the pool's KV heads"),
         (dict(q=torch.randn(2, 2 * HEADS, 2 * D)), ValueError, "q must be"),
         (dict(kv_indptr=torch.tensor([0, 5])), ValueError, "batch \\+ 1"),
@@ -131,7 +130,8 @@ def test_index_checks_can_be_skipped_for_graph_capture() -> None:
 @pytest.mark.parametrize("bits", [1, 2, 2.5, 3, 3.5, 4, 16])
 @pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
 def test_supported_layouts(bits: float, head_dim: int) -> None:
-    """Every mse layout and every prod layout but 1 bit has kernel tiles that cover each channel exactly once."""
+    """Every mse layout and every prod layout but 1 bit has kernel parts whose tile columns cover each channel exactly
+    once (and the QJL sign part, for prod, each channel once more)."""
     for variant in ("mse", "prod"):
         try:
             layout = VectorLayout(head_dim=head_dim, bits=bits, variant=variant)
@@ -140,9 +140,10 @@ def test_supported_layouts(bits: float, head_dim: int) -> None:
         if variant == "prod" and bits == 1:
             assert unsupported_reason(layout) is not None
             continue
-        channels = []
-        for seg in record_tiles(layout).segments:
-            for pos in range(seg.pieces * seg.up):
-                if pos % seg.up < seg.u:
-                    channels.append(seg.start + (pos // seg.up) * seg.u + pos % seg.up)
-        assert sorted(channels) == list(range(head_dim))
+        spec = record_spec(layout)
+        columns = torch.cat([part_channels(p) for p in (spec.seg0, spec.seg1) if p.kind])
+        assert sorted(columns[columns >= 0].tolist()) == list(range(head_dim))
+        assert columns.numel() == spec.width - (spec.signs.width if spec.signs.kind else 0)
+        if variant == "prod" and bits != 16:
+            signs = part_channels(spec.signs)
+            assert sorted(signs[signs >= 0].tolist()) == list(range(head_dim))
