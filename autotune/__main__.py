@@ -16,15 +16,17 @@ import triton
 from ..kernels.layout import SUPPORTED_HEAD_DIMS, parse_bits
 from .spaces import KERNEL_PARAMS, TINY_SPACES
 from .store import CONFIG_DIR, TuningKey
-from .tuner import device_name, tune
+from .tuner import device_name, tune_keys
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tq_serve.autotune", description=__doc__.splitlines()[0])
     parser.add_argument("--kernels", nargs="+", default=list(KERNEL_PARAMS), choices=list(KERNEL_PARAMS))
-    parser.add_argument("--head-dims", nargs="+", type=int, default=[64, 128], help=f"of {SUPPORTED_HEAD_DIMS}")
+    # The default is what serving Llama-3.1-8B-like models needs (9 keys, ~10 candidates each); other keys fall back to
+    # the nearest tuned one, so widen the lists only for the models you serve.
+    parser.add_argument("--head-dims", nargs="+", type=int, default=[128], help=f"of {SUPPORTED_HEAD_DIMS}")
     parser.add_argument("--bits", nargs="+", default=["2", "3", "4"], help="K and V bits (tuned as equal pairs)")
-    parser.add_argument("--groups", nargs="+", type=int, default=[1, 4, 8], help="GQA group sizes (q heads per kv)")
+    parser.add_argument("--groups", nargs="+", type=int, default=[4], help="GQA group sizes (q heads per kv)")
     parser.add_argument("--variants", nargs="+", default=["mse"], choices=["mse", "prod"])
     parser.add_argument("--out", type=Path, default=CONFIG_DIR, help="config directory (default: configs/kernels)")
     parser.add_argument("--tiny", action="store_true", help="tiny space and shapes (CPU interpreter, for tests)")
@@ -56,16 +58,13 @@ def main(argv: list[str] | None = None) -> int:
         if key not in keys:
             keys.append(key)
     print(f"tuning {len(keys)} keys on {gpu} (Triton {version}) into {args.out}")
-    for i, key in enumerate(keys, 1):
-        print(f"== {i}/{len(keys)} {key.kernel} {key.filename}")
-        path = tune(
-            key,
-            space=TINY_SPACES[key.kernel] if args.tiny else None,
-            size="tiny" if args.tiny else "gpu",
-            config_dir=args.out,
-        )
-        print(f"   wrote {path}")
-    return 0
+    results = tune_keys(
+        keys, spaces=TINY_SPACES if args.tiny else None, size="tiny" if args.tiny else "gpu", config_dir=args.out
+    )
+    failed = [r for r in results if "error" in r]
+    for r in failed:
+        print(f"FAILED {r['key']}: {r['error']}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

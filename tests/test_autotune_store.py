@@ -80,28 +80,34 @@ def test_corrupt_or_mismatched_file_is_a_warning_and_a_fallback(tmp_path, caplog
 @pytest.mark.parametrize("kernel", list(spaces.KERNEL_PARAMS))
 @pytest.mark.parametrize("head_dim", [64, 80, 128, 256])
 def test_search_spaces_hold_only_launcher_params_and_defaults_are_valid(kernel, head_dim):
-    configs = spaces.candidates(kernel, head_dim)
-    assert configs and all(set(c) == set(spaces.KERNEL_PARAMS[kernel]) for c in configs)
-    assert set(spaces.default_config(kernel, head_dim)) == set(spaces.KERNEL_PARAMS[kernel])
+    """Every candidate sets the same launcher parameters as the rule, the dot precision among them; the decode's split
+    count is left to the launcher's rule (it depends on the batch, not on the key)."""
+    params = set(spaces.KERNEL_PARAMS[kernel]) - {"num_kv_splits"}
+    for space in (None, spaces.GPU_CHECK_SPACES[kernel], spaces.TINY_SPACES[kernel]):
+        configs = spaces.candidates(kernel, head_dim, space)
+        assert configs and all(set(c) == params for c in configs)
+    assert set(spaces.default_config(kernel, head_dim)) == params
 
 
 def test_shared_memory_estimate_is_near_what_sm90_compiles_to():
-    """Measured with Triton 3.8 for sm_90 at d=128, 2 stages: decode 120 KiB (mse) / 168 KiB (prod), extend 192 KiB."""
-    decode = {"block_n": 64, "num_warps": 4, "num_stages": 2, "num_kv_splits": 8}
+    """Measured with Triton 3.8 for sm_90a (bench kernels --static --config block_n=64 num_stages=2): decode 13 KiB
+    at d=128 (mse) / 18 KiB (prod) / 22 KiB at d=256, extend 64 x 64 40 KiB."""
+    decode = {"block_n": 64, "num_warps": 4, "num_stages": 2}
     extend = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}
-    for kernel, config, variant, measured in [
-        ("decode", decode, "mse", 120),
-        ("decode", decode, "prod", 168),
-        ("extend", extend, "mse", 192),
+    for kernel, config, head_dim, variant, measured in [
+        ("decode", decode, 128, "mse", 13),
+        ("decode", decode, 128, "prod", 18),
+        ("decode", decode, 256, "mse", 22),
+        ("extend", extend, 128, "mse", 40),
     ]:
-        estimate = spaces.shared_memory_estimate(kernel, config, 128, variant) / 1024
-        assert measured <= estimate <= 1.15 * measured
-    assert not spaces.keep("decode", decode, 256)  # 232 KiB measured: over the 227 KiB of a Hopper block
+        estimate = spaces.shared_memory_estimate(kernel, config, head_dim, variant) / 1024
+        assert measured <= estimate <= 1.5 * measured
 
 
 def test_keep_prunes_what_cannot_fit():
     assert not spaces.keep("write", {"block_m": 16, "block_k": 128, "num_warps": 4, "num_stages": 1}, 64)
-    big_tile = {"block_n": 128, "num_warps": 2, "num_stages": 1, "num_kv_splits": 8}
+    assert not spaces.keep("extend", {"block_m": 1024, "block_n": 512, "num_warps": 8, "num_stages": 3}, 256)
+    big_tile = {"block_n": 128, "num_warps": 2, "num_stages": 1}
     assert not spaces.keep("decode", big_tile, 256) and spaces.keep("decode", {**big_tile, "num_warps": 8}, 128)
     assert len(spaces.candidates("decode", 256)) < len(spaces.candidates("decode", 64))
     with pytest.raises(ValueError, match="unknown kernel 'prefill'"):
