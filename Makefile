@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tq_installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast serve lint format bench loadtest soak
+.PHONY: install test test-fast serve lint format bench loadtest gpu-check soak
 
 # Re-installs only when pyproject.toml changed since the last install; a no-op otherwise.
 $(STAMP): pyproject.toml
@@ -37,6 +37,12 @@ format: install
 
 bench: install
 	$(PY) -m tq_serve.bench distortion --head-dim 128 --bits 1 2 3 4
+
+# Every GPU figure in one run (<= ~8 min on an H200): needs only torch, Triton and numpy, so it does not install the
+# project (a bare GPU box has no SGLang); results/gpu/<gpu>/ unless OUT=DIR. ARGS=--dry-run checks it on a CPU.
+GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	PYTHONPATH=. $(GPU_PY) -m tq_serve.bench gpu $(if $(OUT),--out $(OUT)) $(ARGS)
 
 # Locust against a running server (start one with `make serve` in another terminal). Loopback hosts only unless
 # LOADTEST_ARGS=--allow-remote; results land in loadtest/results/.
