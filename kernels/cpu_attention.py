@@ -358,7 +358,7 @@ def decode_attention(
     indptr = kv_indptr.to(torch.int64).contiguous()
     index, index_64 = _indices(kv_indices)
     threads = _threads(num_threads, int(indptr[-1]) * hkv)
-    qs = _matmul_rows(lib, q, kl.basis_t, threads)  # (B, Hq, E_k)
+    qs = _matmul_rows(lib, q, kl.basis_t, 1)  # (B, Hq, E_k): a few rows, not worth a parallel region
     acc = torch.empty(batch, hq, vl.basis.shape[0], dtype=torch.float32)
     lib.tq_decode_attention(
         qs.data_ptr(),
@@ -379,7 +379,7 @@ def decode_attention(
         acc.data_ptr(),
         threads,
     )
-    return _matmul_rows(lib, acc, vl.basis, threads).to(q.dtype)
+    return _matmul_rows(lib, acc, vl.basis, 1).to(q.dtype)
 
 
 def extend_attention(

@@ -139,6 +139,31 @@ inline const uint8_t* code_row(const PoolView& pool, int64_t slot, int64_t head)
     return pool.codes + slot * pool.code_slot_stride + head * pool.code_head_stride;
 }
 
+// Ask for the code rows and norms of upcoming keys ahead of use: rows sit at the pool's slots, usually scattered, so
+// the hardware prefetcher cannot guess them and every row would otherwise wait a full memory latency (a profile
+// of decode over shuffled slots spent 80% of its time on the first load of each row).
+// A prefetch the optimiser must keep: GCC judges a function made only of __builtin_prefetch side-effect free and
+// drops calls to it (the first build of this kernel had no prefetch instruction left).
+inline void prefetch(const void* p) {
+#if defined(__x86_64__) || defined(__i386__)
+    asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+    __builtin_prefetch(p);
+#endif
+}
+
+inline void prefetch_rows(const VectorSpec& spec, const PoolView& pool, const int64_t* slots, int n, int64_t head) {
+    for (int t = 0; t < n; ++t) {
+        const uint8_t* row = code_row(pool, slots[t], head);
+        prefetch(row);
+        prefetch(row + spec.code_bytes - 1);
+        if (spec.norms_per_vector) {
+            const int64_t at = slots[t] * pool.norm_slot_stride + head * pool.norm_head_stride;
+            prefetch(static_cast<const char*>(pool.norms) + at * (spec.norm_is_f32 ? 4 : 2));
+        }
+    }
+}
+
 template <int PER_BYTE>
 inline void decode_table(const uint8_t* bytes, int nbytes, const float* table, float* out) {
     for (int j = 0; j < nbytes; ++j) std::memcpy(out + j * PER_BYTE, table + PER_BYTE * bytes[j], PER_BYTE * 4);
@@ -265,6 +290,56 @@ inline float lane_dot(const float* a, const float* b, int n) {
     for (int w = kLanes / 2; w >= 1; w /= 2)
         for (int l = 0; l < w; ++l) lane[l] += lane[l + w];
     return lane[0];
+}
+
+#ifdef __AVX2__
+// exp(x) of 8 floats (Cephes expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp); exactly 0 below -87.
+// The scalar libm exp made the softmax 90% of an extend's time.
+inline __m256 exp256(__m256 x) {
+    const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(underflow, _mm256_mul_ps(y, _mm256_castsi256_ps(pow2)));
+}
+#endif
+
+// s[t] <- exp(s[t] - m) for t < n and 0 for n <= t < padded (a multiple of 8); returns their sum, accumulated in 8
+// fixed lanes folded by a fixed tree (the zeros past n change nothing, so the sum is that of the first n terms).
+inline float exp_shifted_sum(float* s, int n, int padded, float m) {
+#ifdef __AVX2__
+    __m256 sum = _mm256_setzero_ps();
+    const __m256 mv = _mm256_set1_ps(m);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int t = 0; t < padded; t += 8) {
+        const __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n - t), lane));
+        const __m256 p = _mm256_and_ps(live, exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv)));
+        _mm256_storeu_ps(s + t, p);
+        sum = _mm256_add_ps(sum, p);
+    }
+    const __m128 v4 = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    const __m128 v2 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));
+    return _mm_cvtss_f32(_mm_add_ss(v2, _mm_movehdup_ps(v2)));
+#else
+    float lanes[8] = {0};
+    for (int t = 0; t < padded; ++t) {
+        s[t] = t < n ? std::exp(s[t] - m) : 0.f;
+        lanes[t % 8] += s[t];
+    }
+    for (int w = 4; w >= 1; w /= 2)
+        for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
+    return lanes[0];
+#endif
 }
 
 inline float cap_logit(float s, float cap) { return cap > 0.f ? cap * std::tanh(s / cap) : s; }
@@ -413,9 +488,24 @@ void decode_chunk(const DecodeArgs& a, int64_t b, int64_t h, int64_t first, int6
         l[g] = 0.f;
     }
     std::fill(acc, acc + static_cast<size_t>(G) * ev, 0.f);
+    int64_t next[kDecodeTile];
+    const auto load_slots = [&](int64_t t0, int64_t* out) {
+        const int nt = static_cast<int>(std::min<int64_t>(kDecodeTile, k1 - t0));
+        for (int t = 0; t < nt; ++t) out[t] = slot_at(a.kv_indices, a.indices_64, first + t0 + t);
+        return nt;
+    };
+    if (k0 < k1) {
+        const int nt = load_slots(k0, slots);
+        prefetch_rows(ks, a.kp, slots, nt, h);
+        prefetch_rows(vs, a.vp, slots, nt, h);
+    }
     for (int64_t t0 = k0; t0 < k1; t0 += kDecodeTile) {
         const int nt = static_cast<int>(std::min<int64_t>(kDecodeTile, k1 - t0));
-        for (int t = 0; t < nt; ++t) slots[t] = slot_at(a.kv_indices, a.indices_64, first + t0 + t);
+        if (t0 + kDecodeTile < k1) {  // the next tile's rows arrive while this one is computed
+            const int nn = load_slots(t0 + kDecodeTile, next);
+            prefetch_rows(ks, a.kp, next, nn, h);
+            prefetch_rows(vs, a.vp, next, nn, h);
+        }
         // The whole tile is decoded before it is read: a row read right after narrow table stores (the non-AVX2
         // ops) stalls on store forwarding, measured 3x slower.
         for (int t = 0; t < nt; ++t) {
@@ -443,13 +533,11 @@ void decode_chunk(const DecodeArgs& a, int64_t b, int64_t h, int64_t first, int6
             float m_new = m[g];
             for (int t = 0; t < nt; ++t) m_new = std::max(m_new, sg[t]);
             alpha[g] = std::exp(m[g] - m_new);
-            float sum = 0.f;
+            const float sum = exp_shifted_sum(sg, nt, kDecodeTile, m_new);
             float* pq = &weights[static_cast<size_t>(G + g) * kDecodeTile];
             for (int t = 0; t < nt; ++t) {
-                const float p = std::exp(sg[t] - m_new);
-                sum += p;
-                sg[t] = p * scales[t];
-                pq[t] = p * qjl_scales[t];
+                pq[t] = sg[t] * qjl_scales[t];
+                sg[t] *= scales[t];
             }
             l[g] = l[g] * alpha[g] + sum;
             m[g] = m_new;
@@ -460,6 +548,7 @@ void decode_chunk(const DecodeArgs& a, int64_t b, int64_t h, int64_t first, int6
             if (v_prod)
                 accumulate16<decltype(ng)::value>(&out[g0], &alpha[g0], &wq[g0], tile.data(), ev, nt, dv, ev);
         });
+        std::memcpy(slots, next, sizeof(slots));
     }
 }
 
@@ -492,7 +581,11 @@ int tq_decode_attention(const float* q, int64_t q_row_stride, int64_t q_head_str
     for (int b = 0; b < batch; ++b)
         for (int64_t c = chunk_base[b]; c < chunk_base[b + 1]; ++c) item_request[c] = b;
     const int threads = thread_count(num_threads);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    // One parallel region for both phases (the merge after the implicit barrier): a fork and join per call, not
+    // two, since a join waits for the slowest thread and on a busy machine that thread may be descheduled.
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
         const int64_t c = item / kv_heads, h = item % kv_heads;
         const int b = item_request[c];
@@ -502,7 +595,7 @@ int tq_decode_attention(const float* q, int64_t q_row_stride, int64_t q_head_str
                      &part_acc[static_cast<size_t>(item) * G * ev]);
     }
     // Fold each (request, head, query)'s chunks left to right, then normalise.
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < static_cast<int64_t>(batch) * kv_heads; ++bh) {
         const int b = static_cast<int>(bh / kv_heads);
         const int64_t h = bh % kv_heads;
@@ -527,6 +620,7 @@ int tq_decode_attention(const float* q, int64_t q_row_stride, int64_t q_head_str
             const float inv = 1.f / l;
             for (int e = 0; e < ev; ++e) o[e] *= inv;
         }
+    }
     }
     return 0;
 }
@@ -587,8 +681,26 @@ void value_tile(const ExtendArgs& a, int64_t first, int64_t h, int64_t k0, int n
 
 // s[r][t] = sum_e q[r][e] * kt[e][t], each a sequential sum over e; rows in blocks of 4, keys in blocks of 16.
 void tile_scores(const float* qb, int rows, int ek, const float* kt, float* s) {
-    for (int r0 = 0; r0 < rows; r0 += 4) {
-        for (int t0 = 0; t0 < kExtendTile; t0 += 16) {
+    // Key blocks outer: one block's column of the tile (ek x 16 floats) stays in L1 while every row passes.
+    for (int t0 = 0; t0 < kExtendTile; t0 += 16) {
+        for (int r0 = 0; r0 < rows; r0 += 4) {
+#ifdef __AVX2__
+            __m256 c[4][2];
+            for (int i = 0; i < 4; ++i) c[i][0] = c[i][1] = _mm256_setzero_ps();
+            for (int e = 0; e < ek; ++e) {
+                const float* k = kt + e * kExtendTile + t0;
+                const __m256 k0 = _mm256_loadu_ps(k), k1 = _mm256_loadu_ps(k + 8);
+                for (int i = 0; i < 4; ++i) {
+                    const __m256 qv = _mm256_broadcast_ss(qb + (r0 + i) * ek + e);
+                    c[i][0] = _mm256_fmadd_ps(qv, k0, c[i][0]);
+                    c[i][1] = _mm256_fmadd_ps(qv, k1, c[i][1]);
+                }
+            }
+            for (int i = 0; i < 4; ++i) {
+                _mm256_storeu_ps(s + (r0 + i) * kExtendTile + t0, c[i][0]);
+                _mm256_storeu_ps(s + (r0 + i) * kExtendTile + t0 + 8, c[i][1]);
+            }
+#else
             float c[4][16] = {};
             for (int e = 0; e < ek; ++e) {
                 const float* k = kt + e * kExtendTile + t0;
@@ -598,14 +710,36 @@ void tile_scores(const float* qb, int rows, int ek, const float* kt, float* s) {
                 }
             }
             for (int i = 0; i < 4; ++i) std::memcpy(s + (r0 + i) * kExtendTile + t0, c[i], sizeof(c[i]));
+#endif
         }
     }
 }
 
 // acc[r][e] = acc[r][e] * alpha[r] + sum_t p[r][t] * vt[t][e], sequential over t.
 void tile_values(const float* p, const float* alpha, int rows, int ev, const float* vt, float* acc) {
-    for (int r0 = 0; r0 < rows; r0 += 4) {
-        for (int e0 = 0; e0 < ev; e0 += 16) {
+    for (int e0 = 0; e0 < ev; e0 += 16) {  // one 16-wide column of the value tile stays in L1 for every row
+        for (int r0 = 0; r0 < rows; r0 += 4) {
+#ifdef __AVX2__
+            __m256 c[4][2];
+            for (int i = 0; i < 4; ++i) {
+                const __m256 a = _mm256_set1_ps(alpha[r0 + i]);
+                c[i][0] = _mm256_mul_ps(_mm256_loadu_ps(acc + (r0 + i) * ev + e0), a);
+                c[i][1] = _mm256_mul_ps(_mm256_loadu_ps(acc + (r0 + i) * ev + e0 + 8), a);
+            }
+            for (int t = 0; t < kExtendTile; ++t) {
+                const float* v = vt + static_cast<int64_t>(t) * ev + e0;
+                const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
+                for (int i = 0; i < 4; ++i) {
+                    const __m256 pv = _mm256_broadcast_ss(p + (r0 + i) * kExtendTile + t);
+                    c[i][0] = _mm256_fmadd_ps(pv, v0, c[i][0]);
+                    c[i][1] = _mm256_fmadd_ps(pv, v1, c[i][1]);
+                }
+            }
+            for (int i = 0; i < 4; ++i) {
+                _mm256_storeu_ps(acc + (r0 + i) * ev + e0, c[i][0]);
+                _mm256_storeu_ps(acc + (r0 + i) * ev + e0 + 8, c[i][1]);
+            }
+#else
             float c[4][16];
             for (int i = 0; i < 4; ++i)
                 for (int e = 0; e < 16; ++e) c[i][e] = acc[(r0 + i) * ev + e0 + e] * alpha[r0 + i];
@@ -617,6 +751,7 @@ void tile_values(const float* p, const float* alpha, int rows, int ev, const flo
                 }
             }
             for (int i = 0; i < 4; ++i) std::memcpy(acc + (r0 + i) * ev + e0, c[i], sizeof(c[i]));
+#endif
         }
     }
 }
@@ -643,6 +778,13 @@ void extend_block(const ExtendArgs& a, int64_t q_first, int64_t i0, int nq, int6
     const int64_t last = pos0 + nq - 1;
     for (int64_t k0 = 0; k0 <= last; k0 += kExtendTile) {
         const int nt = static_cast<int>(std::min<int64_t>(kExtendTile, last + 1 - k0));
+        if (k0 + kExtendTile <= last) {
+            int64_t upcoming[kExtendTile];
+            const int nn = static_cast<int>(std::min<int64_t>(kExtendTile, last + 1 - k0 - kExtendTile));
+            for (int t = 0; t < nn; ++t) upcoming[t] = slot_at(a.kv_indices, a.indices_64, first + k0 + kExtendTile + t);
+            prefetch_rows(ks, a.kp, upcoming, nn, h);
+            prefetch_rows(vs, a.vp, upcoming, nn, h);
+        }
         key_tile(a, first, h, k0, nt, row.data(), kt.data());
         tile_scores(qb.data(), padded, ek, kt.data(), s.data());
         for (int r = 0; r < padded; ++r) {
@@ -659,13 +801,7 @@ void extend_block(const ExtendArgs& a, int64_t q_first, int64_t i0, int nq, int6
                 continue;
             }
             alpha[r] = std::exp(m[r] - m_new);
-            float sum = 0.f;
-            for (int t = 0; t < visible; ++t) {
-                sr[t] = std::exp(sr[t] - m_new);
-                sum += sr[t];
-            }
-            std::fill(sr + visible, sr + kExtendTile, 0.f);
-            l[r] = l[r] * alpha[r] + sum;
+            l[r] = l[r] * alpha[r] + exp_shifted_sum(sr, visible, kExtendTile, m_new);
             m[r] = m_new;
         }
         value_tile(a, first, h, k0, nt, vt.data());
