@@ -2,8 +2,9 @@
 
 Exact except where a rotated coordinate lies within rounding of a codebook boundary (the kernel's tl.dot and torch's
 matmul sum in different orders): such a code may move by one level, on at most MAX_CODE_FLIPS of the coordinates,
-and a prod record then gets a different residual, so its QJL signs may differ on at most MAX_SIGN_FLIPS.
-Under the interpreter (no GPU) the kernel runs on CPU at these small sizes.
+and a prod record then gets a different residual, so its QJL signs may differ on at most MAX_SIGN_FLIPS
+(triton_write.write_mismatch holds the budget; the tuner and the GPU check use the same one). On a GPU the tests run
+on CUDA tensors (the `device` fixture); without one the kernel runs on the CPU under the interpreter, at small sizes.
 """
 
 from __future__ import annotations
@@ -14,10 +15,15 @@ from tq_serve.kernels.layout import VectorLayout
 from tq_serve.kernels.packed import PackedVectors
 from tq_serve.kernels.quantizer import TurboQuantizer, get_quantizer, unpack_plane
 from tq_serve.kernels.reference import write_kv
-from tq_serve.kernels.triton_write import write_kv_triton
+from tq_serve.kernels.triton_write import MAX_CODE_FLIPS, MAX_SIGN_FLIPS, write_kv_triton, write_mismatch
 
-MAX_CODE_FLIPS = 1e-3
-MAX_SIGN_FLIPS = 2e-2
+
+@pytest.fixture
+def device() -> torch.device:
+    """CUDA where there is a GPU (the kernel compiles and runs for real), else the CPU under the interpreter."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 NORM_RTOL = {"float16": 2**-10, "float32": 1e-6}  # one float16 ulp; float32 sums differ in the last bits
 
 # (head_dim, k_bits, v_bits, variant, k_norm_correction, norm_dtype, dtype)
@@ -43,6 +49,7 @@ def _case_id(case) -> str:
 
 
 def _compare_records(got: PackedVectors, want: PackedVectors, qz: TurboQuantizer) -> None:
+    assert write_mismatch(got, want, qz) is None
     lay = qz.layout
     if lay.is_raw:
         assert torch.equal(got.codes, want.codes)
@@ -59,16 +66,17 @@ def _compare_records(got: PackedVectors, want: PackedVectors, qz: TurboQuantizer
         torch.testing.assert_close(qz.residual_norms(got), qz.residual_norms(want), rtol=1e-2, atol=1e-3)
 
 
-def _pools(layout: VectorLayout, slots: int, heads: int, gen: torch.Generator) -> tuple[PackedVectors, PackedVectors]:
-    # Random bytes, not zeros: slots the kernel must not touch are then checked for stray writes.
+def _pools(layout: VectorLayout, slots: int, heads: int, gen: torch.Generator, device: torch.device):
+    """Two equal pools of random bytes, not zeros: slots the kernel must not touch are then checked for stray
+    writes."""
     pool = PackedVectors.empty(layout, (slots, heads))
     pool.codes.random_(0, 256, generator=gen)
     pool.norms.uniform_(0.5, 2.0, generator=gen)
-    return pool, PackedVectors(pool.codes.clone(), pool.norms.clone())
+    return pool.to(device), pool.to(device)
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_write_matches_reference(case) -> None:
+def test_write_matches_reference(case, device) -> None:
     d, k_bits, v_bits, variant, k_nc, norm_dtype, dtype = case
     gen = torch.Generator().manual_seed(d * 100 + int(k_bits * 10))
     tokens, heads, slots = 11, 2, 24
@@ -76,15 +84,15 @@ def test_write_matches_reference(case) -> None:
     v_lay = VectorLayout(head_dim=d, bits=v_bits, variant=variant, norm_dtype=norm_dtype)
     k_qz, v_qz = get_quantizer(k_lay, norm_correction=k_nc), get_quantizer(v_lay)
     # Non-contiguous token stride, as when k and v are slices of one fused qkv projection.
-    qkv = torch.randn(tokens, 3, heads, d, generator=gen).to(dtype)
+    qkv = torch.randn(tokens, 3, heads, d, generator=gen).to(device=device, dtype=dtype)
     k, v = qkv[:, 1] * 2.0, qkv[:, 2] + 0.5
-    loc = torch.randperm(slots, generator=gen)[:tokens]
-    (k_ref, k_out), (v_ref, v_out) = _pools(k_lay, slots, heads, gen), _pools(v_lay, slots, heads, gen)
+    loc = torch.randperm(slots, generator=gen)[:tokens].to(device)
+    (k_ref, k_out), (v_ref, v_out) = _pools(k_lay, slots, heads, gen, device), _pools(v_lay, slots, heads, gen, device)
 
     write_kv(k_ref, v_ref, k, v, loc, k_qz, v_qz)
     write_kv_triton(k_out, v_out, k, v, loc.to(torch.int32), k_qz, v_qz)
 
-    untouched = torch.ones(slots, dtype=torch.bool)
+    untouched = torch.ones(slots, dtype=torch.bool, device=device)
     untouched[loc] = False
     for out, ref in ((k_out, k_ref), (v_out, v_ref)):
         assert torch.equal(out.codes[untouched], ref.codes[untouched])
@@ -93,16 +101,16 @@ def test_write_matches_reference(case) -> None:
     _compare_records(v_out.index_select(loc), v_ref.index_select(loc), v_qz)
 
 
-def test_write_codes_exact_at_scale() -> None:
+def test_write_codes_exact_at_scale(device) -> None:
     """Many rows at once (several programs, the last one partial): the codes agree bit for bit on all but a
     boundary-rounding fraction, and the norms exactly."""
     gen = torch.Generator().manual_seed(7)
     lay = VectorLayout(head_dim=128, bits=3)
     qz = get_quantizer(lay)
     tokens, heads = 37, 4
-    k = torch.randn(tokens, heads, 128, generator=gen)
-    pools = [PackedVectors.empty(lay, (tokens, heads)) for _ in range(4)]
-    loc = torch.arange(tokens)
+    k = torch.randn(tokens, heads, 128, generator=gen).to(device)
+    pools = [PackedVectors.empty(lay, (tokens, heads), device) for _ in range(4)]
+    loc = torch.arange(tokens, device=device)
     write_kv(pools[0], pools[1], k, k, loc, qz, qz)
     write_kv_triton(pools[2], pools[3], k, k, loc, qz, qz, block_m=32)
     _compare_records(pools[2], pools[0], qz)
@@ -110,10 +118,11 @@ def test_write_codes_exact_at_scale() -> None:
     assert torch.equal(pools[2].codes, pools[3].codes) and torch.equal(pools[2].norms, pools[3].norms)
 
 
-def test_write_empty_batch_is_a_no_op() -> None:
+def test_write_empty_batch_is_a_no_op(device) -> None:
     lay = VectorLayout(head_dim=64, bits=4)
     qz = get_quantizer(lay)
-    pool = PackedVectors.empty(lay, (4, 1))
-    empty = torch.zeros(0, 1, 64)
-    write_kv_triton(pool, PackedVectors.empty(lay, (4, 1)), empty, empty, torch.zeros(0, dtype=torch.int64), qz, qz)
+    pool = PackedVectors.empty(lay, (4, 1), device)
+    empty = torch.zeros(0, 1, 64, device=device)
+    loc = torch.zeros(0, dtype=torch.int64, device=device)
+    write_kv_triton(pool, PackedVectors.empty(lay, (4, 1), device), empty, empty, loc, qz, qz)
     assert not pool.codes.any() and not pool.norms.any()
