@@ -4,7 +4,8 @@
     python loadtest/soak.py --duration 90s --sample loadtest/samples/soak-cpu-tq-tiny.json
 
 It starts `python -m tq_serve` with a small pool (`--max-total-tokens`), Prometheus metrics and batch-invariant CPU
-kernels, and SGLang's strict idle check (a pool whose slots do not add up when idle stops the scheduler). Then:
+kernels, SGLang's strict idle check (a pool whose slots do not add up when idle stops the scheduler), and SGLang's
+admission estimate of output tokens started where it decays to on a long-running server (--new-token-ratio). Then:
 
 1. before: the pool's slots (from /metrics) and the greedy answer to a fixed probe prompt;
 2. load: locust's `mixed` workload (short prompts, one long shared system prompt, prompts near the context length,
