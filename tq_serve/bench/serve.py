@@ -4,6 +4,12 @@ Each setting gets its own `python -m tq_serve` (bf16 = `--kv-cache bf16`: SGLang
 started the same way in the same run. At each concurrency level C, C clients each send requests back to back
 (distinct prompts, greedy, `ignore_eos` so every request decodes exactly --output-tokens); output tokens/s = all
 generated tokens / wall time from the first request to the last reply. One warm-up request precedes the timing.
+
+`--prompt-tokens N` measures serving at long prompts: each request is N random token ids (distinct per request, so
+the prefix cache cannot skip its prefill), streamed, and the rows add the time to first token and the decode rate
+(tokens after the first / time after the first, times the concurrency). The bundled model's context is 1024
+tokens, so the servers then run a copy of its shape with random weights and a context of N + the output, built in
+a temporary directory at bench time: speed does not depend on the weights, and the copy says nothing of quality.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
+import statistics
 import sys
 import tempfile
 import time
@@ -43,6 +51,83 @@ async def _client(http: httpx.AsyncClient, url: str, prompts: list[str], output_
     return generated
 
 
+async def _stream_one(http: httpx.AsyncClient, url: str, input_ids: list[int], output_tokens: int) -> dict:
+    """One streamed request: its output tokens, time to first token and decode time after it."""
+    start = time.perf_counter()
+    first = last = None
+    tokens = 0
+    body = {
+        "input_ids": input_ids,
+        "stream": True,
+        "sampling_params": {"max_new_tokens": output_tokens, "temperature": 0, "ignore_eos": True},
+    }
+    async with http.stream("POST", f"{url}/generate", json=body) as reply:
+        reply.raise_for_status()
+        async for line in reply.aiter_lines():
+            if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                continue
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            tokens = json.loads(line[5:])["meta_info"]["completion_tokens"]
+    return {"tokens": tokens, "ttft": (first or start) - start, "decode_s": (last or start) - (first or start)}
+
+
+async def _measure_long(url: str, concurrency: int, requests_per_client: int, output_tokens: int, prompt: int) -> dict:
+    rng = random.Random(concurrency)
+    vocab = 4000  # below tq-tiny's 4096, past its special tokens
+
+    def ids() -> list[int]:
+        return [rng.randrange(3, vocab) for _ in range(prompt)]
+
+    async def client() -> list[dict]:
+        return [await _stream_one(http, url, ids(), output_tokens) for _ in range(requests_per_client)]
+
+    async with httpx.AsyncClient(timeout=None) as http:
+        await _stream_one(http, url, ids(), output_tokens)  # warm-up
+        start = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*(client() for _ in range(concurrency))) for r in rs]
+        seconds = time.perf_counter() - start
+    generated = sum(r["tokens"] for r in results)
+    per_request = [(r["tokens"] - 1) / r["decode_s"] for r in results if r["decode_s"] > 0]
+    return {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "prompt_tokens": prompt,
+        "output_tokens": generated,
+        "seconds": seconds,
+        "tokens_per_s": generated / seconds,
+        "ttft_s": statistics.mean(r["ttft"] for r in results),
+        "decode_tokens_per_s": concurrency * statistics.mean(per_request),
+    }
+
+
+def long_context_copy(model_dir: Path, context: int, out: Path) -> Path:
+    """A copy of the model at `model_dir` with random weights (each tensor drawn with its own std, seeded) and
+    max_position_embeddings = `context`, written to `out`: same shapes, so the same cost per token."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["max_position_embeddings"] = context
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
+        if (model_dir / name).exists():
+            (out / name).write_bytes((model_dir / name).read_bytes())
+    gen = torch.Generator().manual_seed(0)
+    weights = load_file(model_dir / "model.safetensors")
+    random_weights = {}
+    for name, t in weights.items():
+        t32 = t.float()
+        if name.endswith("norm.weight"):  # RMSNorm gains: keep them, random gains would only rescale
+            random_weights[name] = t
+        else:
+            random_weights[name] = (torch.randn(t.shape, generator=gen) * t32.std()).to(t.dtype)
+    save_file(random_weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
 async def _measure(url: str, concurrency: int, requests_per_client: int, output_tokens: int) -> dict:
     async with httpx.AsyncClient(timeout=None) as http:
         await _client(http, url, [PROMPT], output_tokens)  # warm-up
@@ -65,14 +150,14 @@ def run_setting(model_args: list[str], setting: KVSetting, args, log_dir: Path, 
     pool_flags = [] if pool_tokens is None else ["--max-total-tokens", str(pool_tokens)]
     log = log_dir / f"serve-{setting.name}-{pool_tokens}.log"
     with running_server([*model_args, *setting.flags(), *pool_flags], log) as url:
-        return [
-            {
-                "setting": setting.name,
-                "pool_tokens": pool_tokens,
-                **asyncio.run(_measure(url, c, args.requests_per_client, args.output_tokens)),
-            }
-            for c in args.concurrency
-        ]
+        rows = []
+        for c in args.concurrency:
+            if args.prompt_tokens:
+                measured = _measure_long(url, c, args.requests_per_client, args.output_tokens, args.prompt_tokens)
+            else:
+                measured = _measure(url, c, args.requests_per_client, args.output_tokens)
+            rows.append({"setting": setting.name, "pool_tokens": pool_tokens, **asyncio.run(measured)})
+        return rows
 
 
 def main(argv: list[str]) -> int:
@@ -92,6 +177,12 @@ def main(argv: list[str]) -> int:
         help="KV pool sizes (--max-total-tokens) to run TurboQuant at, e.g. 20000 400000: decode must not slow "
         "down with the pool (default: the server's)",
     )
+    parser.add_argument(
+        "--prompt-tokens",
+        type=int,
+        help="long prompts of this many random tokens, streamed (TTFT, decode rate), served by a random-weight "
+        "copy of the model with a context long enough (built in a temporary directory)",
+    )
     parser.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     parser.add_argument("--out", type=Path, default=Path("bench-results/serve.json"))
     args = parser.parse_args(argv)
@@ -102,6 +193,13 @@ def main(argv: list[str]) -> int:
         return 2
     selected = model_flags(args.model, args.model_path)
     with tempfile.TemporaryDirectory() as logs:
+        if args.prompt_tokens:
+            from tq_serve.registry import ModelRegistry
+
+            source = ModelRegistry.load().resolve(args.model, args.model_path).path
+            context = args.prompt_tokens + args.output_tokens + 64
+            copy = long_context_copy(source, context, Path(logs) / f"{source.name}-random-{context}")
+            selected = model_flags(str(copy), None)
         try:
             rows = run_setting(selected, BF16, args, Path(logs), args.pool_tokens[0])
             for setting in settings[1:]:
@@ -110,9 +208,11 @@ def main(argv: list[str]) -> int:
         except RuntimeError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
-    bf16 = {r["concurrency"]: r["tokens_per_s"] for r in rows if r["setting"] == BF16.name}
+    bf16 = {r["concurrency"]: r for r in rows if r["setting"] == BF16.name}
     for row in rows:
-        row["vs_bf16"] = row["tokens_per_s"] / bf16[row["concurrency"]]
+        row["vs_bf16"] = row["tokens_per_s"] / bf16[row["concurrency"]]["tokens_per_s"]
+        if args.prompt_tokens:
+            row["decode_vs_bf16"] = row["decode_tokens_per_s"] / bf16[row["concurrency"]]["decode_tokens_per_s"]
     config = {k: v for k, v in vars(args).items() if k not in ("json", "out")}
     report = write_report(args.out, "serve", config, rows)
     columns = {
@@ -124,5 +224,7 @@ def main(argv: list[str]) -> int:
         "tokens_per_s": ".1f",
         "vs_bf16": ".2f",
     }
+    if args.prompt_tokens:
+        columns |= {"ttft_s": ".2f", "decode_tokens_per_s": ".1f", "decode_vs_bf16": ".2f"}
     print(json.dumps(report, indent=1) if args.json else table(rows, columns))
     return 0
