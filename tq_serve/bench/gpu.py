@@ -107,7 +107,7 @@ DRY = Plan(
     copy_bytes=1 << 20,
     decode_shapes=((2, 17), (1, 9)),
     bits=(4, 3, 2),
-    extend_cases=((2, 5, 4),),
+    extend_cases=((2, 5, 4), (1, 3, 12)),  # one row block per request, then several (the unpack-once path)
     write_tokens=(5,),
     step=(2, 9),
     correctness_contexts=(1, 17),
@@ -471,7 +471,6 @@ def stage_decode(ctx: Context) -> dict:
 
 def _extend_case(ctx: Context, requests: int, prefix: int, new: int) -> dict:
     import torch
-    from torch.nn.attention.bias import causal_lower_right
 
     from tq_serve.kernels.triton_extend import extend_attention_triton
 
@@ -482,8 +481,11 @@ def _extend_case(ctx: Context, requests: int, prefix: int, new: int) -> dict:
     k = torch.randn(requests, s.kv_heads, length, s.head_dim, device=dev, generator=gen).to(torch.bfloat16)
     v = torch.randn_like(k)
     q4 = q.view(requests, new, s.q_heads, s.head_dim).transpose(1, 2)
+    # A prefill is SDPA's own causal case (flash); after a cached prefix the mask is bottom-right aligned (an explicit
+    # mask, which flash does not take: the efficient or math backend runs it).
+    mask = None if prefix == 0 else torch.arange(length, device=dev) <= prefix + torch.arange(new, device=dev)[:, None]
     sdpa = partial(
-        torch.nn.functional.scaled_dot_product_attention, q4, k, v, attn_mask=causal_lower_right(new, length),
+        torch.nn.functional.scaled_dot_product_attention, q4, k, v, attn_mask=mask, is_causal=prefix == 0,
         enable_gqa=True,
     )  # fmt: skip
     peer = _timed(ctx, sdpa)
