@@ -162,13 +162,31 @@ def _pair_entries(part: PartSpec, values: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class TileColumns:
+    """Which tile columns hold which channels: (n,) int64 each, padded columns left out; `width` columns in all.
+    Index tensors, not masks: moving a query into tile order and an output back is then index_select/index_copy_,
+    which never syncs the device (a launch inside a CUDA graph capture must not)."""
+
+    width: int
+    tile: torch.Tensor
+    channel: torch.Tensor
+
+    @classmethod
+    def of(cls, channels: torch.Tensor, device: torch.device) -> TileColumns:
+        """From part_channels (-1 for padding)."""
+        valid = channels >= 0
+        tile = torch.arange(channels.numel())[valid]
+        return cls(channels.numel(), tile.to(device), channels[valid].to(device))
+
+
+@dataclass(frozen=True)
 class KernelTensors:
     """Per (quantizer, device): what the kernels read besides the pool."""
 
     pairs_bf16: torch.Tensor  # (table_size,) int32: bf16 of the lower column | bf16 of the upper column << 16
     pairs_f32: torch.Tensor  # (2 * table_size,) float32: the same pairs, exact
-    columns: torch.Tensor  # (width,) int64: channel of each tile column of the seg parts, -1 padded
-    sign_columns: torch.Tensor  # (width of the signs part,) int64, empty without QJL
+    columns: TileColumns  # the code parts' tile columns
+    sign_columns: TileColumns  # the QJL sign part's (no columns without QJL)
     rotation: torch.Tensor  # (d, d) float32
     qjl: torch.Tensor  # (d, d) float32 S (prod), else (1,)
     codebook: torch.Tensor  # (16 * MAX_SEGMENTS,) float32, segment i at 16 i
@@ -201,13 +219,12 @@ def kernel_tensors(quantizer: TurboQuantizer, device: torch.device) -> KernelTen
             cb[CODEBOOK_STRIDE * i : CODEBOOK_STRIDE * i + c.numel()] = c
             bnd[CODEBOOK_STRIDE * i : CODEBOOK_STRIDE * i + b.numel()] = b
         columns = torch.cat([part_channels(p) for p in (spec.seg0, spec.seg1) if p.kind])
+        signs = part_channels(spec.signs) if spec.signs.kind else torch.zeros(0, dtype=torch.long)
         per_device[device] = KernelTensors(
             pairs_bf16=((packed + 2**31) % 2**32 - 2**31).to(torch.int32).to(device),
             pairs_f32=pairs.reshape(-1).to(device),
-            columns=columns.to(device),
-            sign_columns=(part_channels(spec.signs) if spec.signs.kind else torch.zeros(0, dtype=torch.long)).to(
-                device
-            ),
+            columns=TileColumns.of(columns, device),
+            sign_columns=TileColumns.of(signs, device),
             rotation=t.rotation.float().contiguous().to(device),
             qjl=(t.qjl if t.qjl is not None else torch.zeros(1)).float().contiguous().to(device),
             codebook=cb.to(device),
@@ -216,20 +233,16 @@ def kernel_tensors(quantizer: TurboQuantizer, device: torch.device) -> KernelTen
     return per_device[device]
 
 
-def to_tiles(x: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """(..., d) -> (..., len(columns)) in tile order, zeros in padded columns."""
-    out = x.new_zeros(*x.shape[:-1], columns.numel())
-    valid = columns >= 0
-    out[..., valid] = x[..., columns[valid]]
-    return out
+def to_tiles(x: torch.Tensor, columns: TileColumns) -> torch.Tensor:
+    """(..., d) -> (..., columns.width) in tile order, zeros in padded columns."""
+    out = x.new_zeros(*x.shape[:-1], columns.width)
+    return out.index_copy_(-1, columns.tile, x.index_select(-1, columns.channel))
 
 
-def from_tiles(t: torch.Tensor, columns: torch.Tensor, d: int) -> torch.Tensor:
-    """(..., len(columns)) in tile order -> (..., d) (padded columns dropped)."""
+def from_tiles(t: torch.Tensor, columns: TileColumns, d: int) -> torch.Tensor:
+    """(..., columns.width) in tile order -> (..., d) (padded columns dropped)."""
     out = t.new_zeros(*t.shape[:-1], d)
-    valid = columns >= 0
-    out[..., columns[valid]] = t[..., valid]
-    return out
+    return out.index_copy_(-1, columns.channel, t.index_select(-1, columns.tile))
 
 
 # ----------------------------------------------------------------------------------------------------- triton helpers
@@ -520,7 +533,7 @@ def unrotate(out: torch.Tensor, v_quantizer: TurboQuantizer, dtype: torch.dtype)
     """Rotated-domain output (rows, heads, V.width) float32 in V's tile order -> original domain in `dtype`."""
     d = v_quantizer.layout.head_dim
     vt = kernel_tensors(v_quantizer, out.device)
-    n = vt.columns.numel()
+    n = vt.columns.width
     acc = from_tiles(out[..., :n], vt.columns, d)
-    acc_qjl = from_tiles(out[..., n:], vt.sign_columns, d) * v_quantizer.qjl_scale if vt.sign_columns.numel() else None
+    acc_qjl = from_tiles(out[..., n:], vt.sign_columns, d) * v_quantizer.qjl_scale if vt.sign_columns.width else None
     return v_quantizer.unrotate_output(acc, acc_qjl).to(dtype)
