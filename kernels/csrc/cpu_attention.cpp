@@ -360,6 +360,40 @@ inline void vector_scales(const VectorSpec& spec, const PoolView& pool, int64_t 
     *qjl = spec.norms_per_vector == 2 ? *value * read_norm(spec, pool, slot, head, 1) * spec.qjl_scale : 0.f;
 }
 
+// s[t] <- cap_logit(s[t] * scale) for t < n (entries past n are scaled too, and left for exp_shifted_sum to zero);
+// returns the max over t < n (-inf when n = 0). A max is exact in any order.
+inline float scaled_max(float* s, int n, float scale, float cap) {
+    if (cap > 0.f) {
+        float mx = kNegInf;
+        for (int t = 0; t < n; ++t) {
+            s[t] = cap_logit(s[t] * scale, cap);
+            mx = std::max(mx, s[t]);
+        }
+        return mx;
+    }
+#ifdef __AVX2__
+    __m256 mx = _mm256_set1_ps(kNegInf);
+    const __m256 sv = _mm256_set1_ps(scale), neg = _mm256_set1_ps(kNegInf);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int t = 0; t < n; t += 8) {
+        const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(s + t), sv);
+        _mm256_storeu_ps(s + t, v);
+        const __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n - t), lane));
+        mx = _mm256_max_ps(mx, _mm256_blendv_ps(neg, v, live));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    return _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+#else
+    float mx = kNegInf;
+    for (int t = 0; t < n; ++t) {
+        s[t] *= scale;
+        mx = std::max(mx, s[t]);
+    }
+    return mx;
+#endif
+}
+
 struct DecodeArgs {
     const float* q;
     int64_t q_row_stride;
@@ -790,11 +824,7 @@ void extend_block(const ExtendArgs& a, int64_t q_first, int64_t i0, int nq, int6
         for (int r = 0; r < padded; ++r) {
             float* sr = s.data() + r * kExtendTile;
             const int visible = static_cast<int>(std::clamp<int64_t>(pos[r] - k0 + 1, 0, nt));
-            float m_new = m[r];
-            for (int t = 0; t < visible; ++t) {
-                sr[t] = cap_logit(sr[t] * a.sm_scale, a.logit_cap);
-                m_new = std::max(m_new, sr[t]);
-            }
+            const float m_new = std::max(m[r], scaled_max(sr, visible, a.sm_scale, a.logit_cap));
             if (visible == 0) {  // nothing to see in this tile: the row's state stays exactly as it is
                 alpha[r] = 1.f;
                 std::fill(sr, sr + kExtendTile, 0.f);
