@@ -279,10 +279,17 @@ def _lookup(table, idx, SHAPE: tl.constexpr, SIZE: tl.constexpr):
 
 
 @triton.jit
-def part_values(row, n_mask, table, PART: tl.constexpr, ROWS: tl.constexpr, EXACT: tl.constexpr):
-    """Values of one part of ROWS code rows at pointers row (ROWS,): (ROWS, PART.width), bf16 (float32 if EXACT),
+def part_values(row, n_mask, table, SPEC: tl.constexpr, INDEX: tl.constexpr, ROWS: tl.constexpr, EXACT: tl.constexpr):
+    """Values of part INDEX (0 seg0, 1 seg1, 2 signs) of a RecordSpec, for ROWS code rows at pointers row (ROWS,):
+    (ROWS, PART.width), bf16 (float32 if EXACT),
     in byte-major tile order. Masked rows and padded columns hold table entries of byte 0 (finite): the caller gives
     them zero weight. A RAW part's `row` points to the values themselves (bf16 vectors, or triton_extend's scratch)."""
+    if INDEX == 0:
+        PART: tl.constexpr = SPEC.seg0
+    elif INDEX == 1:
+        PART: tl.constexpr = SPEC.seg1
+    else:
+        PART: tl.constexpr = SPEC.signs
     j = tl.arange(0, PART.up)
     mask = n_mask[:, None] & (j < PART.u)[None, :]
     if PART.kind == RAW:
@@ -300,7 +307,8 @@ def part_values(row, n_mask, table, PART: tl.constexpr, ROWS: tl.constexpr, EXAC
                 j1 = tl.arange(0, u1)
                 hb = tl.load(row[:, None] + (PART.high_offset + j1)[None, :], mask=n_mask[:, None], other=0)
                 hb = hb.to(tl.int32)
-                h = tl.reshape(tl.permute(tl.join(hb, hb >> 1), (0, 2, 1)), (ROWS, PART.up))
+                up: tl.constexpr = PART.up
+                h = tl.reshape(tl.permute(tl.join(hb, hb >> 1), (0, 2, 1)), (ROWS, up))
             else:
                 h = tl.load(row[:, None] + (PART.high_offset + j % u1)[None, :], mask=mask, other=0).to(tl.int32)
                 h = h >> (j // u1)[None, :]
@@ -320,19 +328,34 @@ def part_values(row, n_mask, table, PART: tl.constexpr, ROWS: tl.constexpr, EXAC
             pair = _lookup(table, idx, shape, size)
             lo = (pair & 0xFFFF).to(tl.uint16).to(tl.bfloat16, bitcast=True)
             hi = ((pair >> 16) & 0xFFFF).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        values = tl.reshape(tl.join(lo, hi), (ROWS, PART.width))
+        width: tl.constexpr = PART.width
+        values = tl.reshape(tl.join(lo, hi), (ROWS, width))
     return values
 
 
 @triton.jit
-def load_part(row, row_mask, PART: tl.constexpr):
-    """Rows (rows, PART.width) float32 of a tile-ordered float32 tensor: row (rows,) points at each row's columns."""
+def load_part(row, row_mask, SPEC: tl.constexpr, INDEX: tl.constexpr):
+    """Part INDEX's columns (rows, PART.width) of a tile-ordered float32 tensor: row (rows,) points at each row's
+    columns. A part is passed as (spec, index), not as a nested NamedTuple: Triton 3.6 does not take those as
+    arguments."""
+    if INDEX == 0:
+        PART: tl.constexpr = SPEC.seg0
+    elif INDEX == 1:
+        PART: tl.constexpr = SPEC.seg1
+    else:
+        PART: tl.constexpr = SPEC.signs
     cols = tl.arange(0, PART.width)
     return tl.load(row[:, None] + (PART.col + cols)[None, :], mask=row_mask[:, None], other=0.0)
 
 
 @triton.jit
-def store_part(row, row_mask, tile, PART: tl.constexpr):
+def store_part(row, row_mask, tile, SPEC: tl.constexpr, INDEX: tl.constexpr):
+    if INDEX == 0:
+        PART: tl.constexpr = SPEC.seg0
+    elif INDEX == 1:
+        PART: tl.constexpr = SPEC.seg1
+    else:
+        PART: tl.constexpr = SPEC.signs
     cols = tl.arange(0, PART.width)
     tl.store(row[:, None] + (PART.col + cols)[None, :], tile, mask=row_mask[:, None])
 
@@ -379,16 +402,16 @@ def attend_tile(
     arguments are placeholders and come back untouched.
     """
     EXACT: tl.constexpr = PRECISION != "bf16"
-    k = part_values(k_row, n_mask, k_table, K.seg0, BLOCK_N, EXACT)
+    k = part_values(k_row, n_mask, k_table, K, 0, BLOCK_N, EXACT)
     s = dot(q0, tl.trans(k), PRECISION, INTERPRETER)
     if K.seg1.kind != ABSENT:
-        k1 = part_values(k_row, n_mask, k_table, K.seg1, BLOCK_N, EXACT)
+        k1 = part_values(k_row, n_mask, k_table, K, 1, BLOCK_N, EXACT)
         s += dot(q1, tl.trans(k1), PRECISION, INTERPRETER)
     if K.norms > 0:
         kn = tl.load(k_norm, mask=n_mask, other=0.0).to(tl.float32)
         s = s * kn[None, :]
     if K.signs.kind != ABSENT:
-        ks = part_values(k_row, n_mask, k_table, K.signs, BLOCK_N, EXACT)
+        ks = part_values(k_row, n_mask, k_table, K, 2, BLOCK_N, EXACT)
         s_qjl = dot(qs, tl.trans(ks), PRECISION, INTERPRETER)
         if K.norms > 0:
             s_qjl = s_qjl * (kn * tl.load(k_norm + 1, mask=n_mask, other=0.0).to(tl.float32))[None, :]
@@ -405,13 +428,13 @@ def attend_tile(
     if V.norms > 0:
         vn = tl.load(v_norm, mask=n_mask, other=0.0).to(tl.float32)
         pv = p * vn[None, :]
-    v = part_values(v_row, n_mask, v_table, V.seg0, BLOCK_N, EXACT)
+    v = part_values(v_row, n_mask, v_table, V, 0, BLOCK_N, EXACT)
     acc0 = acc0 * alpha[:, None] + dot(pv, v, PRECISION, INTERPRETER)
     if V.seg1.kind != ABSENT:
-        v1 = part_values(v_row, n_mask, v_table, V.seg1, BLOCK_N, EXACT)
+        v1 = part_values(v_row, n_mask, v_table, V, 1, BLOCK_N, EXACT)
         acc1 = acc1 * alpha[:, None] + dot(pv, v1, PRECISION, INTERPRETER)
     if V.signs.kind != ABSENT:
-        vs = part_values(v_row, n_mask, v_table, V.signs, BLOCK_N, EXACT)
+        vs = part_values(v_row, n_mask, v_table, V, 2, BLOCK_N, EXACT)
         pvs = pv
         if V.norms > 0:
             pvs = pv * tl.load(v_norm + 1, mask=n_mask, other=0.0).to(tl.float32)[None, :]

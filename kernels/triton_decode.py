@@ -97,22 +97,26 @@ def _decode_split_kernel(
     h_mask = g < GROUP
     head = (h * GROUP + g).to(tl.int64)
     q_row = q_ptr + b.to(tl.int64) * stride_q_b + head * stride_q_h
-    q0 = load_part(q_row, h_mask, K.seg0)
+    q0 = load_part(q_row, h_mask, K, 0)
     q1 = tl.zeros([BLOCK_H, 1], dtype=tl.float32)
     if K.seg1.kind != ABSENT:
-        q1 = load_part(q_row, h_mask, K.seg1)
+        q1 = load_part(q_row, h_mask, K, 1)
     qs = tl.zeros([BLOCK_H, 1], dtype=tl.float32)
     if K.signs.kind != ABSENT:
-        qs = load_part(q_row, h_mask, K.signs)
+        qs = load_part(q_row, h_mask, K, 2)
     EXACT: tl.constexpr = PRECISION != "bf16"
     k_table = load_table(k_pairs_ptr, k_pairs_f32_ptr, K, EXACT)
     v_table = load_table(v_pairs_ptr, v_pairs_f32_ptr, V, EXACT)
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc0 = tl.zeros([BLOCK_H, V.seg0.width], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_H, V.seg1.width], dtype=tl.float32)
-    accs = tl.zeros([BLOCK_H, V.signs.width], dtype=tl.float32)
+    # Shapes from nested spec fields go through constexpr locals (Triton 3.6 takes no bare ints there).
+    W0: tl.constexpr = V.seg0.width
+    W1: tl.constexpr = V.seg1.width
+    WS: tl.constexpr = V.signs.width
+    acc0 = tl.zeros([BLOCK_H, W0], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_H, W1], dtype=tl.float32)
+    accs = tl.zeros([BLOCK_H, WS], dtype=tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs < hi
@@ -128,11 +132,11 @@ def _decode_split_kernel(
     has_keys = l_i > 0
     inv_l = 1.0 / tl.where(has_keys, l_i, 1.0)
     part_row = part_ptr + b.to(tl.int64) * stride_part_b + head * stride_part_h + split * stride_part_s
-    store_part(part_row, h_mask, acc0 * inv_l[:, None], V.seg0)
+    store_part(part_row, h_mask, acc0 * inv_l[:, None], V, 0)
     if V.seg1.kind != ABSENT:
-        store_part(part_row, h_mask, acc1 * inv_l[:, None], V.seg1)
+        store_part(part_row, h_mask, acc1 * inv_l[:, None], V, 1)
     if V.signs.kind != ABSENT:
-        store_part(part_row, h_mask, accs * inv_l[:, None], V.signs)
+        store_part(part_row, h_mask, accs * inv_l[:, None], V, 2)
     lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     tl.store(lse_ptr + b.to(tl.int64) * stride_lse_b + head * stride_lse_h + split, lse, mask=h_mask)
 

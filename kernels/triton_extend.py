@@ -95,13 +95,13 @@ def _extend_kernel(
     row_mask = tok < n_new
     head = (h * GROUP + rows % GROUP).to(tl.int64)
     q_row = q_ptr + (q_start + tok) * stride_q_t + head * stride_q_h
-    q0 = load_part(q_row, row_mask, K.seg0)
+    q0 = load_part(q_row, row_mask, K, 0)
     q1 = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
     if K.seg1.kind != ABSENT:
-        q1 = load_part(q_row, row_mask, K.seg1)
+        q1 = load_part(q_row, row_mask, K, 1)
     qs = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
     if K.signs.kind != ABSENT:
-        qs = load_part(q_row, row_mask, K.signs)
+        qs = load_part(q_row, row_mask, K, 2)
     EXACT: tl.constexpr = PRECISION != "bf16"
     k_table = load_table(k_pairs_ptr, k_pairs_f32_ptr, K, EXACT)
     v_table = load_table(v_pairs_ptr, v_pairs_f32_ptr, V, EXACT)
@@ -111,9 +111,13 @@ def _extend_kernel(
     kv_end = tl.where(tl.program_id(2) * BLOCK_M < n_new * GROUP, prefix + last_tok + 1, 0)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc0 = tl.zeros([BLOCK_M, V.seg0.width], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_M, V.seg1.width], dtype=tl.float32)
-    accs = tl.zeros([BLOCK_M, V.signs.width], dtype=tl.float32)
+    # Shapes from nested spec fields go through constexpr locals (Triton 3.6 takes no bare ints there).
+    W0: tl.constexpr = V.seg0.width
+    W1: tl.constexpr = V.seg1.width
+    WS: tl.constexpr = V.signs.width
+    acc0 = tl.zeros([BLOCK_M, W0], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, W1], dtype=tl.float32)
+    accs = tl.zeros([BLOCK_M, WS], dtype=tl.float32)
     for n0 in range(0, kv_end, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs < kv_end
@@ -129,16 +133,24 @@ def _extend_kernel(
 
     inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)
     out_row = out_ptr + (q_start + tok) * stride_out_t + head * stride_out_h
-    store_part(out_row, row_mask, acc0 * inv_l[:, None], V.seg0)
+    store_part(out_row, row_mask, acc0 * inv_l[:, None], V, 0)
     if V.seg1.kind != ABSENT:
-        store_part(out_row, row_mask, acc1 * inv_l[:, None], V.seg1)
+        store_part(out_row, row_mask, acc1 * inv_l[:, None], V, 1)
     if V.signs.kind != ABSENT:
-        store_part(out_row, row_mask, accs * inv_l[:, None], V.signs)
+        store_part(out_row, row_mask, accs * inv_l[:, None], V, 2)
 
 
 @triton.jit
-def _unpack_part(row, n_mask, table, scale, out, PART: tl.constexpr, BLOCK_N: tl.constexpr, EXACT: tl.constexpr):
-    values = part_values(row, n_mask, table, PART, BLOCK_N, EXACT).to(tl.float32) * scale[:, None]
+def _unpack_part(
+    row, n_mask, table, scale, out, SPEC: tl.constexpr, INDEX: tl.constexpr, BLOCK_N: tl.constexpr, EXACT: tl.constexpr
+):
+    if INDEX == 0:
+        PART: tl.constexpr = SPEC.seg0
+    elif INDEX == 1:
+        PART: tl.constexpr = SPEC.seg1
+    else:
+        PART: tl.constexpr = SPEC.signs
+    values = part_values(row, n_mask, table, SPEC, INDEX, BLOCK_N, EXACT).to(tl.float32) * scale[:, None]
     cols = tl.arange(0, PART.width)
     tl.store(out[:, None] + (PART.col + cols)[None, :], values.to(out.dtype.element_ty), mask=n_mask[:, None])
 
@@ -175,12 +187,12 @@ def _unpack_kernel(
     scale = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
     if SPEC.norms > 0:
         scale = tl.load(norm, mask=n_mask, other=0.0).to(tl.float32)
-    _unpack_part(row, n_mask, table, scale, out, SPEC.seg0, BLOCK_N, EXACT)
+    _unpack_part(row, n_mask, table, scale, out, SPEC, 0, BLOCK_N, EXACT)
     if SPEC.seg1.kind != ABSENT:
-        _unpack_part(row, n_mask, table, scale, out, SPEC.seg1, BLOCK_N, EXACT)
+        _unpack_part(row, n_mask, table, scale, out, SPEC, 1, BLOCK_N, EXACT)
     if SPEC.signs.kind != ABSENT:
         gamma = tl.load(norm + 1, mask=n_mask, other=0.0).to(tl.float32)
-        _unpack_part(row, n_mask, table, scale * gamma, out, SPEC.signs, BLOCK_N, EXACT)
+        _unpack_part(row, n_mask, table, scale * gamma, out, SPEC, 2, BLOCK_N, EXACT)
 
 
 def _scratch_spec(spec: RecordSpec) -> RecordSpec:

@@ -97,8 +97,13 @@ def write_spec(layout: VectorLayout) -> WriteSpec:
 
 
 @triton.jit
-def _tile_channels(SEG: tl.constexpr):
-    """Channel of each tile column (PIECES * UP,) of a segment and whether the column is a real channel."""
+def _tile_channels(SPEC: tl.constexpr, INDEX: tl.constexpr):
+    """Channel of each tile column (PIECES * UP,) of segment INDEX and whether the column is a real channel. A segment
+    is passed as (spec, index), not as a nested NamedTuple: Triton 3.6 does not take those as arguments."""
+    if INDEX == 0:
+        SEG: tl.constexpr = SPEC.seg0
+    else:
+        SEG: tl.constexpr = SPEC.seg1
     pos = tl.arange(0, SEG.pieces * SEG.up)
     j = pos % SEG.up
     return SEG.start + (pos // SEG.up) * SEG.u + j, j < SEG.u
@@ -132,8 +137,8 @@ def _quantize_segment(
     rot_ptr,
     cb_ptr,
     bnd_ptr,
+    SPEC: tl.constexpr,
     SEG_INDEX: tl.constexpr,
-    SEG: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -141,7 +146,11 @@ def _quantize_segment(
     PRECISION: tl.constexpr,
 ):
     """Codes of one segment stored into its planes; returns (sum of c^2 (rows,), residual y - c (rows, W))."""
-    chan, valid = _tile_channels(SEG)
+    if SEG_INDEX == 0:
+        SEG: tl.constexpr = SPEC.seg0
+    else:
+        SEG: tl.constexpr = SPEC.seg1
+    chan, valid = _tile_channels(SPEC, SEG_INDEX)
     y = tl.zeros([BLOCK_M, SEG.pieces * SEG.up], dtype=tl.float32)
     for k0 in range(0, D_PAD, BLOCK_K):
         x, cols = _load_rows(x_row, row_mask, k0, HEAD_DIM, BLOCK_K)
@@ -184,7 +193,7 @@ def _store_qjl(
     QJL_CHUNK: tl.constexpr,
 ):
     """prod: bits sign(S r) >= 0 of the residual (tile order of the single segment) into the QJL plane."""
-    chan, valid = _tile_channels(SPEC.seg0)
+    chan, valid = _tile_channels(SPEC, 0)
     UP8: tl.constexpr = SPEC.up8
     PER_CHUNK: tl.constexpr = QJL_CHUNK // UP8
     qbytes = tl.zeros([BLOCK_M, UP8], dtype=tl.int32)
@@ -240,12 +249,12 @@ def _quantize_store(
         norm = tl.sqrt(sum_sq)
         safe_norm = tl.maximum(norm, 1e-30)
         c_sq, residual = _quantize_segment(
-            x_row, code_row, row_mask, safe_norm, rot_ptr, cb_ptr, bnd_ptr, 0, SPEC.seg0, HEAD_DIM, D_PAD, BLOCK_M,
+            x_row, code_row, row_mask, safe_norm, rot_ptr, cb_ptr, bnd_ptr, SPEC, 0, HEAD_DIM, D_PAD, BLOCK_M,
             BLOCK_K, PRECISION,
         )  # fmt: skip
         if SPEC.nseg == 2:
             c_sq1, _ = _quantize_segment(
-                x_row, code_row, row_mask, safe_norm, rot_ptr, cb_ptr, bnd_ptr, 1, SPEC.seg1, HEAD_DIM, D_PAD,
+                x_row, code_row, row_mask, safe_norm, rot_ptr, cb_ptr, bnd_ptr, SPEC, 1, HEAD_DIM, D_PAD,
                 BLOCK_M, BLOCK_K, PRECISION,
             )  # fmt: skip
             c_sq += c_sq1
