@@ -185,16 +185,6 @@ def _byte_fields(bits: int) -> torch.Tensor:
     return (torch.arange(256).unsqueeze(1) >> (torch.arange(per_byte) * bits)) & ((1 << bits) - 1)
 
 
-def split_plane_table(codebook: torch.Tensor) -> torch.Tensor:
-    """A 3-bit segment's joint table (256 * 86, 4) float32: index low byte | high bits << 8, where the high bits are
-    the 1-bit plane's byte shifted and masked with 0x55 so that the high bit of field k sits at bit 2k (see the
-    kernel's decode_row); the four centroids of the low byte's channels."""
-    index = torch.arange(256 * (0x55 + 1)).unsqueeze(1)
-    field = torch.arange(4)
-    code = ((index >> 2 * field) & 3) | (((index >> 8 + 2 * field) & 1) << 2)
-    return codebook.float()[code].contiguous()
-
-
 @dataclass(frozen=True)
 class KernelLayout:
     """What the kernel needs of one quantizer: its decode spec (with the tables it points to) and basis W (E, d)."""
@@ -254,7 +244,7 @@ def kernel_layout(quantizer: TurboQuantizer, simd: bool) -> KernelLayout:
                 if (first.bits, high.bits, first.nbytes) != (2, 1, 2 * high.nbytes):
                     raise ValueError(f"unsupported segment planes {seg.planes}")
                 vectorised = simd and high.nbytes % 8 == 0
-                table = padded(codebook) if vectorised else split_plane_table(codebook)
+                table = padded(codebook) if vectorised else torch_batched.split_plane_table(seg, codebook).contiguous()
                 add(14 if vectorised else 4, first.offset, first.nbytes, pos, table, src2=high.offset)
             channels.append(plane_channels(seg.start, first.nbytes, first.per_byte, vectorised))
             pos += seg.channels

@@ -21,7 +21,7 @@ from functools import cache
 import torch
 
 from .codebook import boundaries, centroids
-from .layout import Plane, Segment, VectorLayout
+from .layout import Plane, VectorLayout
 from .packed import PackedVectors
 from .rotation import qjl_matrix, qjl_scale, rotation_matrix
 
@@ -44,42 +44,6 @@ def pack_plane(values: torch.Tensor, plane: Plane) -> torch.Tensor:
     return packed.to(torch.uint8)
 
 
-def plane_table(plane: Plane, values: torch.Tensor | None = None) -> torch.Tensor:
-    """(256, per_byte) float32: for each byte value, its per_byte fields in plane order, each shifted to the plane's
-    place in the code (field << plane.shift), or mapped through `values` (a codebook) when given.
-
-    Decoding a plane is then one row gather per byte, F.embedding(bytes, table) -> (..., nbytes, per_byte), instead
-    of per_byte shift/mask passes over the records and an index into the codebook (the CPU decode's main cost)."""
-    byte = torch.arange(256).unsqueeze(1)
-    fields = (byte >> (torch.arange(plane.per_byte) * plane.bits)) & ((1 << plane.bits) - 1)
-    return (fields << plane.shift).float() if values is None else values.float()[fields]
-
-
-def _gather_rows(index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """F.embedding(index, table): (...,) -> (..., width). A float32 table of width 2 (4-bit planes) is read as one
-    float64 word per row, which gathers about 1.5x faster on a CPU than rows of two floats."""
-    if table.shape[-1] != 2 or table.dtype != torch.float32:
-        return torch.nn.functional.embedding(index, table)
-    words = table.contiguous().view(torch.float64).view(-1)
-    return words.index_select(0, index.reshape(-1)).view(torch.float32).view(*index.shape, 2)
-
-
-def _plane_fields(codes: torch.Tensor, plane: Plane, table: torch.Tensor, channel_order: bool = True) -> torch.Tensor:
-    """Code rows (..., code_bytes) -> the plane's table entries (..., plane.channels), in channel order, or in
-    storage order (byte-major: see _storage_channels), which needs no transposing copy."""
-    raw = codes[..., plane.offset : plane.offset + plane.nbytes].long()
-    fields = _gather_rows(raw, table)  # (..., nbytes, per_byte)
-    if not channel_order:
-        return fields.flatten(-2)
-    return fields.transpose(-1, -2).reshape(*codes.shape[:-1], plane.channels)
-
-
-def _storage_channels(plane: Plane) -> torch.Tensor:
-    """Channel of each field in byte-major order (byte j, field k -> start + k * nbytes + j): (channels,) long."""
-    j, k = torch.meshgrid(torch.arange(plane.nbytes), torch.arange(plane.per_byte), indexing="ij")
-    return (plane.start + k * plane.nbytes + j).reshape(-1)
-
-
 def blockwise_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (B, m, k) @ w (k, n) -> (B, m, n) as a bmm of B separate (m, k) products: each block's rows come out
     bitwise the same whatever B is. A flat (B*m, k) matmul picks its CPU kernel by its row count, so a row would
@@ -95,31 +59,6 @@ def _rotate_each(u: torch.Tensor, rotation_t: torch.Tensor) -> torch.Tensor:
     return blockwise_matmul(u.reshape(-1, 1, u.shape[-1]), rotation_t).view(u.shape)
 
 
-def split_plane_table(segment: Segment, codebook: torch.Tensor) -> torch.Tensor:
-    """A 3-bit segment's codes live in two planes, 2 low bits and 1 high bit, whose bytes hold different channels:
-    byte j of the low plane (n2 bytes) holds channels j + k * n2 (k = 0..3), and their high bits sit in byte
-    j % n1 of the high plane (n1 = n2 / 2 bytes) at bits j // n1 + 2k. So (high byte >> (j // n1)) & 0x55 has them
-    at bits 0, 2, 4, 6, and this (256 * 86, 4) float32 table maps low byte | that << 8 to the four centroids of
-    byte j: one row gather per low-plane byte decodes the segment, in the low plane's storage order."""
-    low, high = segment.planes
-    if (low.bits, low.shift, high.bits, high.shift) != (2, 0, 1, 2) or low.nbytes != 2 * high.nbytes:
-        raise ValueError(f"not a 3-bit segment of a 2-bit and a 1-bit plane: {segment}")
-    index = torch.arange(256 * (0x55 + 1))
-    field = torch.arange(4)
-    code = ((index.unsqueeze(1) >> 2 * field) & 3) | (((index.unsqueeze(1) >> 8 + 2 * field) & 1) << 2)
-    return codebook.float()[code]
-
-
-def _split_plane_fields(codes: torch.Tensor, segment: Segment, table: torch.Tensor) -> torch.Tensor:
-    """A 3-bit segment (see split_plane_table) of code rows -> its centroids (..., channels) in the low plane's
-    storage order."""
-    low, high = segment.planes
-    high_bytes = codes[..., high.offset : high.offset + high.nbytes]
-    high_bits = torch.cat([high_bytes, high_bytes >> 1], dim=-1) & 0x55  # (..., low.nbytes)
-    index = codes[..., low.offset : low.offset + low.nbytes].long() | (high_bits.long() << 8)
-    return torch.nn.functional.embedding(index, table).flatten(-2)
-
-
 def _raw_vectors(packed: PackedVectors) -> torch.Tensor:
     """A raw (16-bit) layout's code rows are the bfloat16 vectors: (..., 2d) uint8 -> (..., d) float32."""
     return packed.codes.contiguous().view(torch.bfloat16).float()
@@ -131,11 +70,6 @@ class _DeviceTensors:
     qjl: torch.Tensor | None  # (d, d) S, prod only
     centroids: tuple[torch.Tensor, ...]  # per segment, (2**bits,)
     boundaries: tuple[torch.Tensor, ...]  # per segment, (2**bits - 1,)
-    # Per segment, per plane: plane_table of the plane; a one-plane segment's table holds centroids, not codes.
-    plane_tables: tuple[tuple[torch.Tensor, ...], ...] = ()
-    qjl_table: torch.Tensor | None = None  # plane_table of the QJL sign plane mapping bits to -1/+1 (prod only)
-    split_tables: tuple[torch.Tensor | None, ...] = ()  # per segment: split_plane_table of a 3-bit one, else None
-    storage_basis: torch.Tensor | None = None  # (E, d) W of storage_decode: its (..., E) rows times W give x~
 
 
 class TurboQuantizer:
@@ -158,16 +92,6 @@ class TurboQuantizer:
             qjl=qjl_m,
             centroids=codebooks,
             boundaries=tuple(boundaries(d, s.bits) for s in layout.segments),
-            plane_tables=tuple(
-                tuple(plane_table(p, cb if len(seg.planes) == 1 else None) for p in seg.planes)
-                for seg, cb in zip(layout.segments, codebooks, strict=True)
-            ),
-            qjl_table=plane_table(self.qjl_plane, torch.tensor([-1.0, 1.0])) if layout.variant == "prod" else None,
-            split_tables=tuple(
-                split_plane_table(seg, cb) if len(seg.planes) == 2 else None
-                for seg, cb in zip(layout.segments, codebooks, strict=True)
-            ),
-            storage_basis=self._storage_basis(rotation_m, qjl_m),
         )
         self._by_device: dict[torch.device, _DeviceTensors] = {torch.device("cpu"): self._cpu}
 
@@ -185,10 +109,6 @@ class TurboQuantizer:
                 qjl=None if c.qjl is None else c.qjl.to(device),
                 centroids=tuple(t.to(device) for t in c.centroids),
                 boundaries=tuple(t.to(device) for t in c.boundaries),
-                plane_tables=tuple(tuple(t.to(device) for t in tables) for tables in c.plane_tables),
-                qjl_table=None if c.qjl_table is None else c.qjl_table.to(device),
-                split_tables=tuple(None if t is None else t.to(device) for t in c.split_tables),
-                storage_basis=c.storage_basis.to(device),
             )
         return self._by_device[device]
 
@@ -274,62 +194,25 @@ class TurboQuantizer:
             return _raw_vectors(packed), None
         t = self.tensors(packed.device)
         norm = self.norms(packed).unsqueeze(-1)
-        values = self._centroids(packed.codes, t, channel_order=True)
+        values = self.centroids(packed, t)
         values *= norm
         if lay.variant != "prod":
             return values, None
-        signs = _plane_fields(packed.codes, self.qjl_plane, t.qjl_table)
+        signs = unpack_plane(packed.codes, self.qjl_plane).float() * 2 - 1
         gamma = self.residual_norms(packed).unsqueeze(-1)
         return values, signs * (norm * gamma * self.qjl_scale)
 
-    def _centroids(self, codes: torch.Tensor, t: _DeviceTensors, channel_order: bool) -> torch.Tensor:
-        """c[idx] of all segments, unscaled, (..., d) float32: in channel order, or in storage order, the order of
-        t.storage_basis's first d rows (each segment as its first plane stores it)."""
-        parts = []
-        for seg, cb, tables, split in zip(
-            self.layout.segments, t.centroids, t.plane_tables, t.split_tables, strict=True
-        ):
-            if len(seg.planes) == 1:  # the table maps bytes straight to centroids
-                parts.append(_plane_fields(codes, seg.planes[0], tables[0], channel_order))
-            elif not channel_order:
-                parts.append(_split_plane_fields(codes, seg, split))
-            else:
-                code = sum(_plane_fields(codes, plane, table) for plane, table in zip(seg.planes, tables, strict=True))
-                parts.append(torch.nn.functional.embedding(code.long(), cb.unsqueeze(1)).squeeze(-1))
-        if not parts:  # 1-bit prod: QJL signs only, no codes
-            return torch.zeros(*codes.shape[:-1], self.layout.head_dim, dtype=torch.float32, device=codes.device)
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-
-    def storage_decode(self, packed: PackedVectors) -> torch.Tensor:
-        """Packed vectors (...) -> y (..., E) float32 in the storage basis W = tensors(device).storage_basis
-        (E, d), so that x~ = y @ W: <q, x~> = (q @ W.T) . y and sum_i p_i x~_i = (sum_i p_i y_i) @ W.
-
-        mse: y = n * c[idx] with the coordinates in the order they are stored (E = d); prod: then
-        n * gamma * qjl_scale * s, the QJL signs in the order of their plane (E = 2d); raw: the vector (W = I).
-        For the CPU decode (torch_batched.py): one row gather per packed byte and no transposes; the query and the
-        output are turned into and out of this basis once per query, by one matmul each."""
-        self._check_packed(packed)
-        lay = self.layout
-        if lay.is_raw:
-            return _raw_vectors(packed)
-        t = self.tensors(packed.device)
-        norms = self.norms(packed).unsqueeze(-1)
-        values = self._centroids(packed.codes, t, channel_order=False)
-        values *= norms
-        if lay.variant != "prod":
-            return values
-        signs = _plane_fields(packed.codes, self.qjl_plane, t.qjl_table, channel_order=False)
-        signs *= norms * self.residual_norms(packed).unsqueeze(-1) * self.qjl_scale
-        return torch.cat([values, signs], dim=-1)
-
-    def _storage_basis(self, rotation: torch.Tensor, qjl: torch.Tensor | None) -> torch.Tensor:
-        """W of storage_decode, (E, d): the rows of R in storage order, then for prod the rows of S R in the order of
-        the sign plane. Raw layouts: R is the identity, and so is W."""
-        order = [_storage_channels(seg.planes[0]) for seg in self.layout.segments]
-        basis = rotation[torch.cat(order)] if order else rotation  # raw, and 1-bit prod's zero values: no order
-        if qjl is not None:
-            basis = torch.cat([basis, (qjl @ rotation)[_storage_channels(self.qjl_plane)]])
-        return basis.contiguous()
+    def centroids(self, packed: PackedVectors, t: _DeviceTensors | None = None) -> torch.Tensor:
+        """c[idx] of all segments, unscaled, (..., d) float32 in rotated-coordinate order (zeros for 1-bit prod,
+        which has QJL signs only). The CPU paths decode through byte tables of their own instead."""
+        t = t or self.tensors(packed.device)
+        code = self.codes(packed).long()
+        parts = [torch.zeros(*packed.shape, 0, device=packed.device)]
+        for seg, cb in zip(self.layout.segments, t.centroids, strict=True):
+            parts.append(cb.float()[code[..., seg.start : seg.start + seg.channels]])
+        if len(parts) == 1:
+            return torch.zeros(*packed.shape, self.layout.head_dim, device=packed.device)
+        return torch.cat(parts, dim=-1)
 
     def rotate_query(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """q (..., d) -> (R q, S R q or None) in float32: done once per query, never per key."""

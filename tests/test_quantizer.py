@@ -62,30 +62,6 @@ def test_raw_16_bit_layer_is_exact_bf16():
     assert torch.equal(qz.dequantize(qz.quantize(x)), x.float())
 
 
-@pytest.mark.parametrize(
-    ("bits", "variant"),
-    [
-        (1, "prod"),
-        (2, "mse"),
-        (2.5, "mse"),
-        (3, "mse"),
-        (3.5, "mse"),
-        (4, "mse"),
-        (3, "prod"),
-        (4, "prod"),
-        (16, "mse"),
-    ],
-)
-@pytest.mark.parametrize("head_dim", [64, 80])
-def test_storage_decode_times_the_storage_basis_is_the_reconstruction(bits, variant, head_dim):
-    """The CPU decode's form (kernels/torch_batched.py): records in the storage basis W, x~ = y @ W."""
-    qz = get_quantizer(VectorLayout(head_dim=head_dim, bits=bits, variant=variant))
-    packed = qz.quantize(3.0 * torch.randn(6, 2, head_dim, generator=torch.Generator().manual_seed(2)))
-    y, basis = qz.storage_decode(packed), qz.tensors("cpu").storage_basis
-    assert y.shape == (6, 2, basis.shape[0]) and basis.shape == (head_dim * (2 if variant == "prod" else 1), head_dim)
-    torch.testing.assert_close(y @ basis, qz.dequantize(packed), rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("kind", ["qr", "hadamard"])
 @pytest.mark.parametrize("head_dim", [64, 80, 128])
 def test_rotations_are_orthogonal_and_seeded(kind, head_dim):

@@ -146,3 +146,27 @@ def test_an_extend_is_bitwise_the_same_with_its_prefix_cached_or_computed(varian
         alone = torch.tensor([0, m])
         short = torch_batched.extend_attention(q[:m], *pool_args, alone, alone, slots[:m], kq, vq, 0.09, cap)
         assert torch.equal(short, cold[:m]), m
+
+
+@pytest.mark.parametrize(
+    ("bits", "variant"),
+    [
+        (1, "prod"),
+        (2, "mse"),
+        (2.5, "mse"),
+        (3, "mse"),
+        (3.5, "mse"),
+        (4, "mse"),
+        (3, "prod"),
+        (4, "prod"),
+        (16, "mse"),
+    ],
+)
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_storage_decode_times_the_storage_basis_is_the_reconstruction(bits, variant, head_dim):
+    """The CPU torch path's byte-table decode: records in the storage basis W, x~ = y @ W."""
+    qz = get_quantizer(VectorLayout(head_dim=head_dim, bits=bits, variant=variant))
+    packed = qz.quantize(3.0 * torch.randn(6, 2, head_dim, generator=torch.Generator().manual_seed(2)))
+    y, basis = torch_batched.storage_decode(qz, packed), torch_batched.cpu_tables(qz).storage_basis
+    assert y.shape == (6, 2, basis.shape[0]) and basis.shape == (head_dim * (2 if variant == "prod" else 1), head_dim)
+    torch.testing.assert_close(y @ basis, qz.dequantize(packed), rtol=1e-5, atol=1e-5)
