@@ -4,6 +4,7 @@ endpoint, on Ray Serve. The only part of tq_serve that imports ray.
     app.py      the Serve application: ingress (API key, /health, /v1/*) and the engine replicas
     router.py   prefix-affinity request routing, power-of-two under load
     engine.py   one engine as a child process of a replica (`python -m tq_serve` on a loopback port)
+    cluster.py  the `ray start` command of a cluster node, every Ray port pinned
 
 `serve_replicas` starts a private local Ray (or joins `--ray-address`), deploys, and runs until SIGINT/SIGTERM, then
 removes everything it started: the application (whose replicas stop their engines) and the local Ray.
@@ -99,7 +100,9 @@ def serve_replicas(settings: ServeSettings, cfg: ServeConfig) -> int:
             ray.init(address=settings.ray_address)
         # After ray.init, which installs its own SIGTERM handler in a driver.
         signal.signal(signal.SIGTERM, _interrupt)
-        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        # One HTTP proxy, on the head node, at --host/--port: the one endpoint. Serve's default, one per node, would
+        # also bind every other node's --host:--port (and collide on a machine that runs two nodes).
+        serve.start(proxy_location="HeadOnly", http_options={"host": cfg.host, "port": cfg.port})
         serve.run(app, name=APP_NAME, route_prefix="/")
         print(
             f"tq_serve: {replicas} replicas of {cfg.model.name} on Ray Serve at http://{cfg.host}:{cfg.port}/v1",

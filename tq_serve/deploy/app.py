@@ -8,12 +8,20 @@
 A replica forwards a request to its engine and streams the answer back as a head (status, content type, replica id)
 followed by raw body chunks, so SSE passes through unchanged; the ingress names the replica in `x-tq-replica`.
 A replica whose engine died fails its health check and Ray Serve replaces it; requests it holds end with an error
-(503 before the answer started, an SSE error event after), never a hang.
+(503 before the answer started, an SSE error event after), never a hang. A request whose replica is gone before it
+answered anything (a node lost between routing and the answer) is sent again, to another replica: nothing reached
+the client, so nothing is duplicated.
+
+The ingress runs on Ray's head node, next to Serve's one HTTP proxy (proxy_location HeadOnly): losing any other node
+costs only the replicas on it. GET /metrics relays one engine's Prometheus text (`--enable-metrics`), each sample
+labelled with the replica that answered.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request) at runtime, and Serve
 # rebuilds the class-based handlers' signatures, which leaves string annotations unresolved.
+import asyncio
 import json
+import re
 import secrets
 from collections.abc import AsyncIterator
 
@@ -44,6 +52,14 @@ KV_GAUGES = ("sglang:kv_available_tokens", "sglang:kv_evictable_tokens", "sglang
 # The ingress holds every request in flight (streams included) while replicas work; Serve's default of 5 would
 # serialize the whole deployment behind it.
 INGRESS_MAX_ONGOING_REQUESTS = 4096
+# Ray's implicit resource of the head node: a sliver of it keeps the ingress there.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+# Sends of a request whose replica died before answering anything; Serve stops routing to a dead replica within
+# seconds (when its node's loss is noticed), so a few spaced tries reach a live one.
+FORWARD_ATTEMPTS = 5
+FORWARD_RETRY_DELAY_S = 2.0
+# A Prometheus sample line: name, optional {labels} (quoted values may hold braces), the rest.
+METRIC_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{((?:[^"}]|"(?:[^"\\]|\\.)*")*)\})?(\s.*)$')
 
 api = FastAPI(title="tq_serve (Ray Serve)")
 
@@ -139,6 +155,20 @@ def kv_cache_stats(metrics: str) -> dict:
     return {"pool_tokens": int(available + evictable + used), "cached_tokens": int(evictable + used)}
 
 
+def label_samples(metrics: str, replica: str) -> str:
+    """Prometheus text with `replica="<id>"` added to every sample (comments and blank lines unchanged)."""
+    out = []
+    for line in metrics.splitlines():
+        match = METRIC_SAMPLE.match(line) if line and not line.startswith("#") else None
+        if match is None:
+            out.append(line)
+            continue
+        name, labels, rest = match.groups()
+        labels = f'replica="{replica}"' + (f",{labels}" if labels else "")
+        out.append(f"{name}{{{labels}}}{rest}")
+    return "\n".join(out) + "\n"
+
+
 async def _relay(answer: DeploymentResponseGenerator) -> AsyncIterator[bytes]:
     """Pass SSE chunks through; a replica that dies mid-stream becomes an error event, not a cut connection."""
     try:
@@ -181,11 +211,10 @@ class Ingress:
             except ValueError:
                 return Response(error_body(400, "request body is not JSON"), 400, media_type="application/json")
         target = f"/v1/{path}" + (f"?{request.url.query}" if request.url.query else "")
-        answer: DeploymentResponseGenerator = self._engines.forward.remote(request.method, target, body)
-        try:
-            head = await answer.__anext__()
-        except (ray.exceptions.RayError, StopAsyncIteration) as err:
-            return Response(error_body(503, f"no engine replica answered: {err}"), 503, media_type="application/json")
+        sent = await self._send(request.method, target, body)
+        if isinstance(sent, Response):
+            return sent
+        answer, head = sent
         headers = {REPLICA_HEADER: head["replica"]}
         if head["content_type"].startswith("text/event-stream"):
             return StreamingResponse(_relay(answer), head["status"], headers, media_type=head["content_type"])
@@ -194,6 +223,42 @@ class Ingress:
         except ray.exceptions.RayError as err:
             return Response(error_body(502, f"engine replica failed: {err}"), 502, headers, "application/json")
         return Response(content, head["status"], headers, media_type=head["content_type"])
+
+    @api.get("/metrics")
+    async def metrics(self, request: Request) -> Response:
+        """One engine's Prometheus metrics (whichever replica Serve picks), labelled with its replica."""
+        if not self._authorized(request):
+            return Response(error_body(401, "Unauthorized"), 401, media_type="application/json")
+        sent = await self._send("GET", "/metrics", None)
+        if isinstance(sent, Response):
+            return sent
+        answer, head = sent
+        try:
+            content = b"".join([chunk async for chunk in answer]).decode()
+        except ray.exceptions.RayError as err:
+            return Response(error_body(502, f"engine replica failed: {err}"), 502, media_type="application/json")
+        if head["status"] != 200:
+            return Response(content, head["status"], {REPLICA_HEADER: head["replica"]}, head["content_type"])
+        return Response(
+            label_samples(content, head["replica"]), 200, {REPLICA_HEADER: head["replica"]}, head["content_type"]
+        )
+
+    async def _send(self, method: str, target: str, body: dict | None):
+        """(answer, head) from a replica, or the 503 Response when none answered after FORWARD_ATTEMPTS sends."""
+        for attempt in range(FORWARD_ATTEMPTS):
+            answer: DeploymentResponseGenerator = self._engines.forward.remote(method, target, body)
+            try:
+                return answer, await answer.__anext__()
+            except StopAsyncIteration as err:
+                error = err
+            except ray.exceptions.RayError as err:
+                # Only a replica that is gone: nothing of the answer exists yet, so sending again is safe.
+                error = err
+                if attempt + 1 < FORWARD_ATTEMPTS:
+                    await asyncio.sleep(FORWARD_RETRY_DELAY_S)
+                    continue
+            break
+        return Response(error_body(503, f"no engine replica answered: {error}"), 503, media_type="application/json")
 
 
 def build_app(
@@ -239,7 +304,7 @@ def build_app(
     ingress = serve.deployment(Ingress).options(
         name="Ingress",
         num_replicas=1,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}},
         max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
     )
     return ingress.bind(engines.bind(engine_flags), api_key)
