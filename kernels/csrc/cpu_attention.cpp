@@ -42,7 +42,7 @@ constexpr int kLanes = 16;
 constexpr int64_t kDecodeChunk = 512;  // keys per decode work item (a fixed split: part of the reduction order)
 constexpr int kDecodeTile = 32;        // keys scored before their softmax update (decode)
 constexpr int kExtendTile = 64;        // keys per extend tile (a multiple of 16)
-constexpr int kExtendRows = 64;        // query rows (tokens x group) per extend work item, about
+constexpr int kExtendRows = 128;       // query rows (tokens x group) per extend work item, about
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 }  // namespace
