@@ -1,4 +1,4 @@
-"""Torch reference of attention over the packed KV pool, in the rotated domain (DESIGN.md section 3).
+"""Torch reference of attention over the packed KV pool, in the rotated domain (docs/ARCHITECTURE.md section 3).
 
 These are the semantics every Triton kernel must match on the same packed data, and the CPU serving path itself.
 Only the slots a batch names are read, never the whole pool; nothing is de-rotated per token:

@@ -1,6 +1,6 @@
 """Fused decode attention on the packed KV pool: one new token per request, split-K over long contexts.
 
-Semantics: reference.decode_attention (rotated domain, DESIGN.md section 3). The launcher rotates the query once
+Semantics: reference.decode_attention (docs/ARCHITECTURE.md section 3). The launcher rotates the query once
 (sm_scale * R q, and the scaled S R q for a prod K) into the kernels' tile order (triton_common); the split kernel
 reads each request's code rows once, expands each byte through a pair table into bf16 values in registers and runs
 an online softmax; the reduce kernel merges the splits by their log-sum-exp; the launcher rotates the merged output

@@ -1,5 +1,5 @@
 """Fused extend (prefill) attention on the packed KV pool: each request's new tokens attend causally to its packed
-prefix and to their own packed K/V, which the write kernel has stored first (DESIGN.md section 3: prefix-cache
+prefix and to their own packed K/V, which the write kernel stored first (docs/ARCHITECTURE.md section 3: prefix-cache
 invariance). Semantics: reference.extend_attention.
 
     kv slots of request b:  | prefix (cached)  | new tokens |        query i of the new tokens sees kv < prefix + i + 1
