@@ -1,5 +1,5 @@
 """Every pointer into docs/ARCHITECTURE.md resolves: "docs/ARCHITECTURE.md section N" in code and docs, and the
-README's links to its headings."""
+README's links to its headings; nothing points to a design file outside the repository."""
 
 import re
 from pathlib import Path
@@ -35,6 +35,11 @@ def test_sections_are_numbered_in_order():
 def test_every_section_reference_resolves(path):
     cited = re.findall(r"ARCHITECTURE\.md,? sections? (\d+(?:\.\d+)?)", path.read_text(errors="replace"))
     assert set(cited) <= set(headings()), f"{path} cites sections {sorted(set(cited) - set(headings()))}"
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_nothing_cites_a_design_file_the_repository_does_not_have(path):
+    assert "DESIGN" + ".md" not in path.read_text(errors="replace")  # split: this file would match itself
 
 
 def test_readme_links_into_the_document_resolve():
