@@ -41,7 +41,9 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
-from .static_budget import REPO_ROOT, git_commit
+from tq_serve.autotune.provenance import git_commit
+
+from .static_budget import REPO_ROOT
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,9 @@ from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
+
+from tq_serve.autotune.provenance import git_commit
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT_DIR = REPO_ROOT / "results" / "static"
@@ -54,17 +55,6 @@ class Hopper:
 
 H200 = Hopper()
 INDEX_BYTES = 4  # one int32 slot index per token (SGLang's kv_indices)
-
-
-def git_commit() -> str:
-    """HEAD of this checkout, with -dirty when tracked files differ from it; "unknown" outside git."""
-    try:
-        run = partial(subprocess.run, capture_output=True, text=True, check=True)
-        commit = run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"]).stdout.strip()
-        dirty = run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("-dirty" if dirty else "")
 
 
 # ------------------------------------------------------------------------------------------- recording and compiling
