@@ -25,21 +25,17 @@ from __future__ import annotations
 
 import torch
 
+from .launch_checks import check_pool, check_slots
 from .packed import PackedVectors
 from .quantizer import TurboQuantizer
 
 
 def _check_pool(name: str, pool: PackedVectors, qz: TurboQuantizer) -> None:
-    if not isinstance(pool, PackedVectors):
-        raise TypeError(f"{name}: expected PackedVectors (codes, norms) of {qz.layout}, got {type(pool).__name__}")
-    pool.check(name, qz.layout, dims=2)
+    check_pool(name, pool, qz.layout)
 
 
 def _check_indices(name: str, indices: torch.Tensor, num_slots: int) -> None:
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_slots):
-        raise IndexError(
-            f"{name} holds slots in [{int(indices.min())}, {int(indices.max())}] but the pool has {num_slots} slots"
-        )
+    check_slots(name, indices, num_slots)
 
 
 def write_kv(
