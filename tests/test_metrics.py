@@ -120,3 +120,14 @@ def test_server_serves_sglang_and_turboquant_metrics(url):
     assert metric_value(samples, "tq_kv_pool_bytes_in_use") == in_use * layout.bytes_per_token
     assert metric_value(samples, "sglang:generation_tokens_total") >= 16
     assert metric_value(samples, "sglang:prompt_tokens_total") >= reply.json()["usage"]["prompt_tokens"]
+
+
+def test_metrics_through_the_ray_ingress_name_their_replica():
+    from tq_serve.deploy.app import label_samples
+
+    text = '# HELP g a gauge\n# TYPE g gauge\ng{model_name="tq}tiny",tp_rank="0"} 1.0\ntq_kv_bytes_per_token 2112.0\n'
+    labelled = parse_metrics(label_samples(text, "abc123"))
+    assert [(s.name, s.labels, s.value) for s in labelled] == [
+        ("g", {"replica": "abc123", "model_name": "tq}tiny", "tp_rank": "0"}, 1.0),
+        ("tq_kv_bytes_per_token", {"replica": "abc123"}, 2112.0),
+    ]
