@@ -91,18 +91,17 @@ FULL = Plan(
     step=(32, 8192),
     correctness_contexts=(1, 17, 1025, 5000),
     correctness_layouts=(
-        # the headline layouts first, then odd ones: each part kind (4/2-bit tables, the 3-bit split, QJL signs, raw)
+        # the headline layouts first, then each other part kind (QJL signs, two segments, a padded head_dim, raw V):
+        # every layout costs a few kernel compiles, and the time box stops starting new ones
         (128, 4, 4, "mse"),
         (128, 3, 3, "mse"),
         (128, 2, 2, "mse"),
         (128, 4, 4, "prod"),
         (128, 3.5, 2.5, "mse"),
-        (64, 4, 2, "mse"),
-        (256, 4, 4, "mse"),
         (96, 3, 16, "mse"),
     ),
     autotune_bits=(4, 3, 2),
-    time_box={"correctness": 75, "decode": 170, "extend": 40, "write": 30, "autotune": 100, "step": 60},
+    time_box={"correctness": 60, "decode": 170, "extend": 40, "write": 30, "autotune": 100, "step": 60},
 )
 DRY = Plan(
     shape=TINY,
