@@ -471,6 +471,7 @@ def test_decode_reads_the_batch_slots_and_matches_the_packed_reference():
             kv = torch.randn(2, ctx.numel(), HKV, D, dtype=torch.bfloat16)
             pool.set_kv_buffer(layer, ctx, kv[0], kv[1])
     pool.k_buffer[0][60:].fill_(255)  # garbage outside the batch's slots must not matter
+    pool.k_norm_buffer[0][60:].fill_(float("nan"))
     new_k, new_v = torch.randn(3, HKV, D, dtype=torch.bfloat16), torch.randn(3, HKV, D, dtype=torch.bfloat16)
     batch = SimpleNamespace(
         forward_mode=ForwardMode.DECODE,
@@ -487,7 +488,12 @@ def test_decode_reads_the_batch_slots_and_matches_the_packed_reference():
     kq, vq = pool.quantizers(0)
     for r, slots in enumerate(slot_rows):
         expect = attend_packed(
-            q.view(3, HQ, D)[r : r + 1], pool.k_buffer[0][slots], pool.v_buffer[0][slots], kq, vq, D**-0.5
+            q.view(3, HQ, D)[r : r + 1],
+            pool.get_key_buffer(0).index_select(slots),
+            pool.get_value_buffer(0).index_select(slots),
+            kq,
+            vq,
+            D**-0.5,
         )
         torch.testing.assert_close(out.view(3, HQ, D)[r : r + 1].float(), expect, atol=1e-2, rtol=1e-2)
 
