@@ -17,6 +17,7 @@ from tq_serve.kernels.reference import attend_packed
 
 from tq_serve.schedule import BitSchedule
 from tq_serve.sglang_plugin.config import ENV_VAR, TurboQuantConfig
+from tq_serve.sglang_plugin.ops import cpu_ops
 
 if not torch.cuda.is_available():
     from tq_serve.cpu_support import apply_cpu_support
@@ -590,7 +591,7 @@ def test_triton_interpreter_path_matches_the_reference_path(variant):
     for interpret in (False, True):
         pool, _ = make_pool(TurboQuantConfig(kv_bits=3, variant=variant, use_triton_interpreter=interpret))
         backend, req_to_token = make_backend(pool)
-        assert backend._ops(layer).name == ("triton" if interpret else "torch")
+        assert backend._ops(layer).name == ("triton" if interpret else cpu_ops().name)
         req_to_token[0, :3], req_to_token[1, :6] = torch.tensor([5, 6, 7]), torch.arange(20, 26)
         pool.set_kv_buffer(layer, torch.tensor([20, 21]), k[:2], v[:2])
         backend.init_forward_metadata(extend)

@@ -84,19 +84,22 @@ def _tuned_config(kernel: str, k: VectorLayout, v: VectorLayout, group: int) -> 
     return config
 
 
-def _triton_ops(k: VectorLayout, v: VectorLayout, group: int, check_indices: bool) -> LayerOps:
+def _triton_ops(k: VectorLayout, v: VectorLayout, group: int, interpreted: bool) -> LayerOps:
     from tq_serve.kernels.triton_decode import decode_attention_triton
     from tq_serve.kernels.triton_extend import extend_attention_triton
     from tq_serve.kernels.triton_write import write_kv_triton
 
+    # Interpreted on a CPU (the GPU code path under test): index checks on, and float32 dots, so that it serves the
+    # same greedy tokens as the CPU kernel; bf16 dots are a GPU speed choice with their own rounding.
+    exact = {"dot_precision": "ieee"} if interpreted else {}
     return LayerOps(
         name="triton",
-        write_kv=partial(write_kv_triton, check_indices=check_indices, **_tuned_config("write", k, v, group)),
+        write_kv=partial(write_kv_triton, check_indices=interpreted, **_tuned_config("write", k, v, group)),
         decode_attention=partial(
-            decode_attention_triton, check_indices=check_indices, **_tuned_config("decode", k, v, group)
+            decode_attention_triton, check_indices=interpreted, **(_tuned_config("decode", k, v, group) | exact)
         ),
         extend_attention=partial(
-            extend_attention_triton, check_indices=check_indices, **_tuned_config("extend", k, v, group)
+            extend_attention_triton, check_indices=interpreted, **(_tuned_config("extend", k, v, group) | exact)
         ),
     )
 
@@ -115,4 +118,4 @@ def layer_ops(
             "TurboQuant layer with K %s bits, V %s bits: CPU/torch ops (Triton kernels: %s)", k.bits, v.bits, reason
         )
         return TORCH_OPS if device_type == "cuda" else cpu_ops()
-    return _triton_ops(k, v, group, check_indices=device_type != "cuda")
+    return _triton_ops(k, v, group, interpreted=device_type != "cuda")
