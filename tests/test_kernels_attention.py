@@ -12,6 +12,7 @@ GQA x context x bits x variant is marked slow.
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -172,6 +173,10 @@ def _grid():
 def test_decode_and_extend_grid(case, device) -> None:
     """Decode over contexts 1, 17 and 1025 in one batch, and an extend of 17 new tokens after 1008 cached ones,
     exact float32 dots (ieee): the whole supported grid."""
+    if device.type == "cpu" and os.environ.get("RUN_INTERPRETER_GRID") != "1":
+        # 72 cases under the Triton interpreter take 15-40 min on 2 cores, a whole CI budget; it passed in full once
+        # and runs with RUN_INTERPRETER_GRID=1 (and always on a GPU). The cases above cover each layout family.
+        pytest.skip("the whole grid under the interpreter is opt-in on a CPU: RUN_INTERPRETER_GRID=1")
     d, group, bits, variant = case
     gen = torch.Generator().manual_seed(d + group)
     args = _decode_args(d, bits, bits, variant, group, [1, 17, 1025], 0.0, torch.float32, gen, device)
