@@ -13,7 +13,6 @@ BENCHMARKS = {
     "quality": "perplexity and greedy agreement of the bundled model through the serving path",
     "serve": "output tokens/s, TurboQuant vs SGLang's bf16 backend",
     "cpu-attention": "one layer's decode/extend attention on a CPU, the C++ kernel vs bf16 SDPA",
-    "cpu-attention": "one layer's decode/extend attention on a CPU, the C++ kernel vs bf16 SDPA",
     "capacity-win": "prefix-cache hit rate and TTFT at equal KV memory, TurboQuant vs bf16 (sessions workload)",
 }
 
