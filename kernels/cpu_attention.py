@@ -40,14 +40,14 @@ import torch
 from . import torch_batched
 from .packed import PackedVectors
 from .quantizer import TurboQuantizer
-from .reference import _check_attention_args, _extend_bounds
+from .reference import _check_attention_args, _extend_bounds, window_of
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_attention.cpp"
 # -ffp-contract=fast is GCC's default, spelled out: a multiply-add is fused the same way wherever it is compiled.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC")
-ABI_VERSION = 1
+ABI_VERSION = 2
 # Below this many (key, KV head) pairs a decode step runs on one thread: a parallel region's barrier costs more than
 # the work, and waits for a core that the server's other processes may hold. The result does not depend on it.
 PARALLEL_MIN_KEYS = 16384
@@ -163,7 +163,7 @@ def load_library() -> ctypes.CDLL | None:
         return None
     common = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(_VectorSpec), _PoolView]
     common += [ctypes.POINTER(_VectorSpec), _PoolView]
-    tail = [ctypes.c_int32] * 4 + [ctypes.c_float, ctypes.c_float, ctypes.c_void_p, ctypes.c_int32]
+    tail = [ctypes.c_int32] * 4 + [ctypes.c_float, ctypes.c_float, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32]
     lib.tq_decode_attention.argtypes = [*common, ctypes.c_void_p, ctypes.c_void_p, *tail]
     lib.tq_extend_attention.argtypes = [*common, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, *tail]
     lib.tq_matmul_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32]
@@ -328,16 +328,20 @@ def decode_attention(
     sm_scale: float,
     logit_cap: float = 0.0,
     *,
+    sliding_window_size: int | None = None,
     num_threads: int | None = None,
 ) -> torch.Tensor:
-    """One new token per request: q (B, Hq, d) -> (B, Hq, d) in q.dtype, as reference.decode_attention.
+    """One new token per request: q (B, Hq, d) -> (B, Hq, d) in q.dtype, as reference.decode_attention (with a
+    window, each request reads its last W + 1 slots only).
 
     num_threads: OpenMP threads (default: torch's, or 1 for a small step); the output does not depend on it."""
     lib = load_library()
     if lib is None or q.device.type != "cpu":
         return torch_batched.decode_attention(
-            q, k_pool, v_pool, kv_indptr, kv_indices, k_quantizer, v_quantizer, sm_scale, logit_cap
-        )
+            q, k_pool, v_pool, kv_indptr, kv_indices, k_quantizer, v_quantizer, sm_scale, logit_cap,
+            sliding_window_size=sliding_window_size,
+        )  # fmt: skip
+    window = window_of(sliding_window_size)
     _check_attention_args(q, k_pool, v_pool, kv_indptr, kv_indices, k_quantizer, v_quantizer)
     if kv_indptr.numel() != q.shape[0] + 1:
         raise ValueError(f"kv_indptr must have batch + 1 = {q.shape[0] + 1} entries, got {kv_indptr.numel()}")
@@ -347,7 +351,8 @@ def decode_attention(
     hkv = k_pool.shape[1]
     indptr = kv_indptr.to(torch.int64).contiguous()
     index, index_64 = _indices(kv_indices)
-    threads = _threads(num_threads, int(indptr[-1]) * hkv)
+    keys = int(indptr[-1]) if window is None else min(int(indptr[-1]), batch * (window + 1))
+    threads = _threads(num_threads, keys * hkv)
     qs = _matmul_rows(lib, q, kl.basis_t, 1)  # (B, Hq, E_k): a few rows, not worth a parallel region
     acc = torch.empty(batch, hq, vl.basis.shape[0], dtype=torch.float32)
     lib.tq_decode_attention(
@@ -366,6 +371,7 @@ def decode_attention(
         hq // hkv,
         sm_scale,
         logit_cap,
+        -1 if window is None else window,
         acc.data_ptr(),
         threads,
     )
@@ -385,15 +391,19 @@ def extend_attention(
     logit_cap: float = 0.0,
     max_new_tokens: int | None = None,
     *,
+    sliding_window_size: int | None = None,
     num_threads: int | None = None,
 ) -> torch.Tensor:
-    """New tokens of each request, causal over prefix + themselves: q (T, Hq, d) -> (T, Hq, d) in q.dtype, as
-    reference.extend_attention (max_new_tokens, the Triton kernel's grid hint, is not needed here)."""
+    """New tokens of each request, causal over prefix + themselves (and within a window, if any): q (T, Hq, d) ->
+    (T, Hq, d) in q.dtype, as reference.extend_attention (max_new_tokens, the Triton kernel's grid hint, is not
+    needed here)."""
     lib = load_library()
     if lib is None or q.device.type != "cpu":
         return torch_batched.extend_attention(
-            q, k_pool, v_pool, qo_indptr, kv_indptr, kv_indices, k_quantizer, v_quantizer, sm_scale, logit_cap
-        )
+            q, k_pool, v_pool, qo_indptr, kv_indptr, kv_indices, k_quantizer, v_quantizer, sm_scale, logit_cap,
+            sliding_window_size=sliding_window_size,
+        )  # fmt: skip
+    window = window_of(sliding_window_size)
     _check_attention_args(q, k_pool, v_pool, kv_indptr, kv_indices, k_quantizer, v_quantizer)
     _extend_bounds(q, qo_indptr, kv_indptr)
     simd = bool(lib.tq_has_avx2())
@@ -423,6 +433,7 @@ def extend_attention(
         hq // hkv,
         sm_scale,
         logit_cap,
+        -1 if window is None else window,
         acc.data_ptr(),
         threads,
     )

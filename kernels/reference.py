@@ -19,6 +19,11 @@ Batch metadata as SGLang's Triton backend passes it:
 
                  kv slots:  | prefix (cached)  | new tokens |
                  query i of the new tokens sees kv positions < prefix_len + i + 1
+
+Sliding window (SGLang's RadixAttention.sliding_window_size W; None or -1: none), as SGLang's torch_native backend
+masks it: the query at position p sees key positions k with p - W <= k <= p (W + 1 keys, itself included). Slots
+outside a request's window are never read (a decode reads its last W + 1 slots; an extend from its first new
+token's window on), so what they hold, even NaN, cannot reach an output.
 """
 
 from __future__ import annotations
@@ -28,6 +33,18 @@ import torch
 from .launch_checks import check_pool, check_slots
 from .packed import PackedVectors
 from .quantizer import TurboQuantizer
+
+
+def window_of(sliding_window_size: int | None) -> int | None:
+    """SGLang's sliding_window_size as a window: None for none (None or negative), else W >= 0."""
+    if sliding_window_size is None or sliding_window_size < 0:
+        return None
+    return int(sliding_window_size)
+
+
+def decode_window_start(kv_len: int, window: int | None) -> int:
+    """First key position a decode query (position kv_len - 1) sees."""
+    return 0 if window is None else max(0, kv_len - 1 - window)
 
 
 def _check_pool(name: str, pool: PackedVectors, qz: TurboQuantizer) -> None:
@@ -76,10 +93,12 @@ def attend_packed(
     sm_scale: float,
     logit_cap: float = 0.0,
     causal_offset: int | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """One request: q (Lq, Hq, d) over packed k/v (Lk, Hkv) -> (Lq, Hq, d) float32.
 
-    causal_offset = Lk - Lq makes query i see keys < causal_offset + i + 1; None attends to all keys.
+    causal_offset = Lk - Lq makes query i see keys < causal_offset + i + 1; None attends to all keys. window W
+    (with a causal_offset) also hides the keys < causal_offset + i - W.
     """
     lq, hq, d = q.shape
     lk, hkv = k_packed.shape[:2]
@@ -96,7 +115,10 @@ def attend_packed(
         scores = logit_cap * torch.tanh(scores / logit_cap)
     if causal_offset is not None:
         pos_q = torch.arange(lq, device=q.device).unsqueeze(1) + causal_offset
-        visible = torch.arange(lk, device=q.device).unsqueeze(0) <= pos_q
+        pos_k = torch.arange(lk, device=q.device).unsqueeze(0)
+        visible = pos_k <= pos_q
+        if window is not None:
+            visible &= pos_k >= pos_q - window
         scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     v_vals, v_qjl = v_quantizer.rotated(v_packed)
@@ -153,15 +175,20 @@ def decode_attention(
     v_quantizer: TurboQuantizer,
     sm_scale: float,
     logit_cap: float = 0.0,
+    *,
+    sliding_window_size: int | None = None,
 ) -> torch.Tensor:
-    """One new token per request: q (B, Hq, d) -> (B, Hq, d) in q.dtype."""
+    """One new token per request: q (B, Hq, d) -> (B, Hq, d) in q.dtype. With a window, request b reads only its
+    last W + 1 slots."""
     _check_attention_args(q, k_pool, v_pool, kv_indptr, kv_indices, k_quantizer, v_quantizer)
     if kv_indptr.numel() != q.shape[0] + 1:
         raise ValueError(f"kv_indptr must have batch + 1 = {q.shape[0] + 1} entries, got {kv_indptr.numel()}")
+    window = window_of(sliding_window_size)
     out = torch.zeros_like(q)
     bounds = kv_indptr.tolist()
     for b in range(q.shape[0]):
-        slots = kv_indices[bounds[b] : bounds[b + 1]].long()
+        first = bounds[b] + decode_window_start(bounds[b + 1] - bounds[b], window)
+        slots = kv_indices[first : bounds[b + 1]].long()
         if slots.numel() == 0:
             continue
         out[b] = attend_packed(
@@ -187,16 +214,21 @@ def extend_attention(
     v_quantizer: TurboQuantizer,
     sm_scale: float,
     logit_cap: float = 0.0,
+    *,
+    sliding_window_size: int | None = None,
 ) -> torch.Tensor:
-    """New tokens of each request, causal over prefix + themselves: q (T, Hq, d) -> (T, Hq, d) in q.dtype."""
+    """New tokens of each request, causal over prefix + themselves: q (T, Hq, d) -> (T, Hq, d) in q.dtype. With a
+    window, request b reads its slots from its first new token's window start on."""
     _check_attention_args(q, k_pool, v_pool, kv_indptr, kv_indices, k_quantizer, v_quantizer)
     qo, kv = _extend_bounds(q, qo_indptr, kv_indptr)
+    window = window_of(sliding_window_size)
     out = torch.zeros_like(q)
     for b in range(len(qo) - 1):
         n_new, n_kv = qo[b + 1] - qo[b], kv[b + 1] - kv[b]
         if n_new == 0:
             continue
-        slots = kv_indices[kv[b] : kv[b + 1]].long()
+        lo = 0 if window is None else max(0, n_kv - n_new - window)  # the first new token's window start
+        slots = kv_indices[kv[b] + lo : kv[b + 1]].long()
         out[qo[b] : qo[b + 1]] = attend_packed(
             q[qo[b] : qo[b + 1]],
             k_pool.index_select(slots),
@@ -205,6 +237,7 @@ def extend_attention(
             v_quantizer,
             sm_scale,
             logit_cap,
-            causal_offset=n_kv - n_new,
+            causal_offset=n_kv - n_new - lo,
+            window=window,
         ).to(q.dtype)
     return out

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .layout import Plane, Segment
 from .packed import PackedVectors
 from .quantizer import TurboQuantizer, blockwise_matmul
-from .reference import _check_attention_args, _extend_bounds
+from .reference import _check_attention_args, _extend_bounds, window_of
 
 # Unpacked floats per group of requests (K or V values of one group, storage basis, fp32): 32M = 128 MB.
 MAX_ELEMENTS = 1 << 25
@@ -198,13 +198,17 @@ def _one_thread(device: torch.device):
 
 
 def _attend_one(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, logit_cap: float, offset: int | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sm_scale: float,
+    logit_cap: float,
+    visible: torch.Tensor | None,
 ) -> torch.Tensor:
     """Query rows q (Lq, Hq, E_k) over keys k (Lk, Hkv, E_k) and values v (Lk, Hkv, E_v), all in the storage
-    bases -> (Lq, Hq, E_v) float32. Row i sees the keys j <= offset + i (causal), or all of them if offset is None."""
+    bases -> (Lq, Hq, E_v) float32. Row i sees the keys j with visible[i, j] (Lq, Lk), or all of them if None."""
     lq, hq = q.shape[:2]
     lk, hkv = k.shape[:2]
-    visible = None if offset is None else torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(offset)
     if logit_cap <= 0:
         out = F.scaled_dot_product_attention(
             q.permute(1, 0, 2).unsqueeze(0),
@@ -225,25 +229,45 @@ def _attend_one(
 
 
 def _attend_new_tokens(
-    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sm_scale: float, logit_cap: float, block: int
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    sm_scale: float,
+    logit_cap: float,
+    block: int,
+    n_kv: int,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """One request's new tokens: queries (N, Hq, E_k), the last N of its keys/values (L, Hkv, E) -> (N, Hq, E_v).
+    """One request of n_kv positions: its new tokens' queries (N, Hq, E_k), the keys/values of its last positions
+    (L, Hkv, E), from position n_kv - L on (all of them, or from the first new token's window start) -> (N, Hq, E_v).
 
-    In blocks of `block` token positions aligned to position 0, each attending to the keys up to the block's end,
-    with zero queries (and, past the last token, masked zero keys) padding it to full size: a token's output is then
-    computed by the same call on the same operands whether its prefix came from the radix cache or was computed in
-    this extend, and however long the request that wrote that prefix was (bitwise)."""
-    n_new, n_kv = queries.shape[0], keys.shape[0]
+    In blocks of `block` token positions aligned to position 0, each attending to the keys from the block's window
+    start (max(0, start - W), or 0) to the block's end, with zero queries (and masked zero keys: past the last token,
+    and before the keys given) padding it to full size: a token's output is then computed by the same call on the
+    same operands whether its prefix came from the radix cache or was computed in this extend, and however long the
+    request that wrote that prefix was (bitwise)."""
+    n_new, key_base = queries.shape[0], n_kv - keys.shape[0]
     first = n_kv - n_new  # position of the first new token
     out = torch.empty(n_new, queries.shape[1], values.shape[-1], dtype=torch.float32, device=queries.device)
     for start in range(first // block * block, n_kv, block):
         lo, hi = max(start, first), min(start + block, n_kv)
         padded = queries.new_zeros(block, *queries.shape[1:])
         padded[lo - start : hi - start] = queries[lo - first : hi - first]
-        k, v = keys[:hi], values[:hi]
-        if hi < start + block:  # the last block: pad the keys too
-            k, v = (torch.cat([t, t.new_zeros(start + block - hi, *t.shape[1:])]) for t in (k, v))
-        rows = _attend_one(padded, k, v, sm_scale, logit_cap, offset=start)
+        k_start = 0 if window is None else max(0, start - window)
+        given = max(k_start, key_base)  # keys below it are outside every real row's window: never read
+        k, v = keys[given - key_base : hi - key_base], values[given - key_base : hi - key_base]
+        if given > k_start or hi < start + block:
+            k, v = (
+                torch.cat(
+                    [t.new_zeros(given - k_start, *t.shape[1:]), t, t.new_zeros(start + block - hi, *t.shape[1:])]
+                )
+                for t in (k, v)
+            )
+        diagonal = start - k_start  # row r (position start + r) sees key c (position k_start + c) iff c <= r + this
+        visible = torch.ones(block, start + block - k_start, dtype=torch.bool, device=queries.device).tril(diagonal)
+        if window is not None:
+            visible = visible.triu(diagonal - window)
+        rows = _attend_one(padded, k, v, sm_scale, logit_cap, visible)
         out[lo - first : hi - first] = rows[lo - start : hi - start]
     return out
 
@@ -261,29 +285,42 @@ def _attend_requests(
     logit_cap: float,
     max_elements: int,
     block: int | None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Query rows rows[b] : rows[b+1] of request b, its last tokens, over its slots kv_indices[bounds[b] :
     bounds[b+1]] -> (rows[-1], Hq, d) in q.dtype; a request without slots or rows gets zeros. block None: one
-    query row per request, seeing all its slots (decode); else causal, in blocks (_attend_new_tokens)."""
+    query row per request, seeing all its slots (decode); else causal, in blocks (_attend_new_tokens). A window W
+    skips each request's slots before its first query's window start: they are never gathered nor decoded."""
     k_basis = cpu_tables(k_quantizer, q.device).storage_basis
     v_basis = cpu_tables(v_quantizer, q.device).storage_basis
     queries = blockwise_matmul(q.float(), k_basis.T)  # (T, Hq, E_k), each token's rows alone
     acc = torch.zeros(*q.shape[:2], v_basis.shape[0], dtype=torch.float32, device=q.device)
     per_token = k_pool.shape[1] * max(k_basis.shape[0], v_basis.shape[0])
     num_requests = len(bounds) - 1
+    # starts[b]: request b's first slot read (its first query's window start, or its first slot)
+    starts = bounds[:-1]
+    if window is not None:
+        starts = [
+            bounds[b] + max(0, bounds[b + 1] - bounds[b] - (rows[b + 1] - rows[b]) - window)
+            for b in range(num_requests)
+        ]
     first = 0
     while first < num_requests:
         # Consecutive requests whose unpacked K (or V) fit under max_elements; at least one.
-        last = first + 1
-        while last < num_requests and (bounds[last + 1] - bounds[first]) * per_token <= max_elements:
+        last, size = first + 1, bounds[first + 1] - starts[first]
+        while last < num_requests and (size + bounds[last + 1] - starts[last]) * per_token <= max_elements:
+            size += bounds[last + 1] - starts[last]
             last += 1
-        lo, hi = bounds[first], bounds[last]
-        slots = kv_indices[lo:hi].long()
+        if window is None:
+            slots = kv_indices[bounds[first] : bounds[last]].long()
+        else:
+            slots = torch.cat([kv_indices[starts[b] : bounds[b + 1]] for b in range(first, last)]).long()
         keys = storage_decode(k_quantizer, k_pool.index_select(slots))
         values = storage_decode(v_quantizer, v_pool.index_select(slots))
         with _one_thread(q.device) if block is None else nullcontext():
+            end = 0
             for b in range(first, last):
-                start, end = bounds[b] - lo, bounds[b + 1] - lo
+                start, end = end, end + bounds[b + 1] - starts[b]
                 if end == start or rows[b + 1] == rows[b]:
                     continue  # a request with no slots attends to nothing: its output stays zero
                 k, v = keys[start:end], values[start:end]
@@ -293,8 +330,9 @@ def _attend_requests(
                     )
                 else:
                     acc[rows[b] : rows[b + 1]] = _attend_new_tokens(
-                        queries[rows[b] : rows[b + 1]], k, v, sm_scale, logit_cap, block
-                    )
+                        queries[rows[b] : rows[b + 1]], k, v, sm_scale, logit_cap, block,
+                        bounds[b + 1] - bounds[b], window,
+                    )  # fmt: skip
         first = last
     return blockwise_matmul(acc, v_basis).to(q.dtype)
 
@@ -310,6 +348,7 @@ def decode_attention(
     sm_scale: float,
     logit_cap: float = 0.0,
     *,
+    sliding_window_size: int | None = None,
     max_elements: int = MAX_ELEMENTS,
 ) -> torch.Tensor:
     """One new token per request: q (B, Hq, d) -> (B, Hq, d) in q.dtype, as reference.decode_attention."""
@@ -317,7 +356,7 @@ def decode_attention(
     if kv_indptr.numel() != q.shape[0] + 1:
         raise ValueError(f"kv_indptr must have batch + 1 = {q.shape[0] + 1} entries, got {kv_indptr.numel()}")
     rows, bounds = list(range(q.shape[0] + 1)), kv_indptr.tolist()
-    args = (k_quantizer, v_quantizer, sm_scale, logit_cap, max_elements, None)
+    args = (k_quantizer, v_quantizer, sm_scale, logit_cap, max_elements, None, window_of(sliding_window_size))
     return _attend_requests(q, k_pool, v_pool, rows, bounds, kv_indices, *args)
 
 
@@ -334,6 +373,7 @@ def extend_attention(
     logit_cap: float = 0.0,
     max_new_tokens: int | None = None,
     *,
+    sliding_window_size: int | None = None,
     max_elements: int = MAX_ELEMENTS,
     block: int = EXTEND_BLOCK,
 ) -> torch.Tensor:
@@ -341,5 +381,5 @@ def extend_attention(
     reference.extend_attention (max_new_tokens, the Triton kernel's grid hint, is not needed here)."""
     _check_attention_args(q, k_pool, v_pool, kv_indptr, kv_indices, k_quantizer, v_quantizer)
     rows, bounds = _extend_bounds(q, qo_indptr, kv_indptr)
-    args = (k_quantizer, v_quantizer, sm_scale, logit_cap, max_elements, block)
+    args = (k_quantizer, v_quantizer, sm_scale, logit_cap, max_elements, block, window_of(sliding_window_size))
     return _attend_requests(q, k_pool, v_pool, rows, bounds, kv_indices, *args)

@@ -420,8 +420,11 @@ def attend_tile(
         s = soft_cap(s, logit_cap)
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp(m_i - m_new)
-    p = tl.exp(s - m_new[:, None])
+    # A row that has seen no key yet (a sliding window can start past a tile) keeps m = -inf: shift by 0 instead,
+    # so that its p and alpha are 0, not exp(-inf + inf) = NaN.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_shift)
+    p = tl.exp(s - m_shift[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
 
     pv = p
@@ -443,6 +446,14 @@ def attend_tile(
 
 
 # ---------------------------------------------------------------------------------------------------- launcher checks
+
+
+def window_arg(sliding_window_size: int | None) -> int:
+    """SGLang's sliding_window_size as the kernels' runtime window argument: -1 for none."""
+    if sliding_window_size is None or sliding_window_size < 0:
+        return -1
+    return min(int(sliding_window_size), 2**31 - 1)
+
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DOT_PRECISIONS = ("bf16", "ieee", "tf32", "tf32x3")

@@ -6,6 +6,10 @@ reads each request's code rows once, expands each byte through a pair table into
 an online softmax; the reduce kernel merges the splits by their log-sum-exp; the launcher rotates the merged output
 back once. Nothing dequantized is ever written to memory.
 
+Sliding window (a runtime argument, so one compiled kernel serves every window; -1: none): request b's query at
+position kv_len - 1 sees the keys from kv_len - 1 - W on, and the splits share only those: the slots before them
+are never read.
+
     grid (batch, kv_heads, num_kv_splits): one program reads a BLOCK_N tile of K/V code rows once for the GROUP =
     q_heads / kv_heads query heads of its KV head (GROUP rows, padded to a power of two, not to 16)
 
@@ -36,12 +40,13 @@ from .triton_common import (
     prepare_attention,
     store_part,
     unrotate,
+    window_arg,
 )
 
 __all__ = ["decode_attention_triton", "default_num_kv_splits"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window"])
 def _decode_split_kernel(
     q_ptr,
     k_codes_ptr,
@@ -57,6 +62,7 @@ def _decode_split_kernel(
     part_ptr,
     lse_ptr,
     logit_cap,
+    window,
     num_splits,
     stride_q_b,
     stride_q_h,
@@ -88,9 +94,11 @@ def _decode_split_kernel(
     split = tl.program_id(2)
     kv_start = tl.load(kv_indptr_ptr + b).to(tl.int64)
     kv_len = (tl.load(kv_indptr_ptr + b + 1) - kv_start).to(tl.int32)
+    # The window's first key (0 without one): the splits share the keys from there on, never reading the others.
+    win_lo = tl.where(window >= 0, tl.maximum(kv_len - 1 - window, 0), 0)
     # Whole tiles per split, so that only a split's last tile is ragged.
-    per_split = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
-    lo = split * per_split
+    per_split = tl.cdiv(tl.cdiv(kv_len - win_lo, num_splits), BLOCK_N) * BLOCK_N
+    lo = win_lo + split * per_split
     hi = tl.minimum(lo + per_split, kv_len)
 
     g = tl.arange(0, BLOCK_H)
@@ -209,12 +217,14 @@ def decode_attention_triton(
     num_kv_splits: int | None = None,
     dot_precision: str = "bf16",
     check_indices: bool = True,
+    sliding_window_size: int | None = None,
 ) -> torch.Tensor:
     """One new token per request: q (batch, q_heads, head_dim) -> (batch, q_heads, head_dim) in q.dtype.
 
     Request b attends to slots kv_indices[kv_indptr[b] : kv_indptr[b + 1]] (an empty request gives zeros), exactly
-    as reference.decode_attention. Launch parameters are keywords so tuned configs can be passed in; None takes a
-    rule: default_num_kv_splits, block_n 128 (64 above head_dim 128). dot_precision "bf16" (bf16 operands, float32
+    as reference.decode_attention; with a sliding window W, to its last W + 1 of them only. Launch parameters are
+    keywords so tuned configs can be passed in; None takes a rule: default_num_kv_splits, block_n 128 (64 above
+    head_dim 128). dot_precision "bf16" (bf16 operands, float32
     accumulation) is the fast path; "ieee" reads float32 centroids for an exact comparison with the reference.
     check_indices=False skips the index checks (device syncs), for CUDA-graph capture; the caller then guarantees
     the slots are in range.
@@ -242,7 +252,7 @@ def decode_attention_triton(
     kc, vc = launch.k_codes, launch.v_codes
     _decode_split_kernel[(batch, kv_heads, splits)](
         launch.q_tiles, kc, k_pool.norms, vc, v_pool.norms, kt.pairs_bf16, kt.pairs_f32, vt.pairs_bf16, vt.pairs_f32,
-        kv_indptr, kv_indices, part, lse, float(logit_cap), splits,
+        kv_indptr, kv_indices, part, lse, float(logit_cap), window_arg(sliding_window_size), splits,
         launch.q_tiles.stride(0), launch.q_tiles.stride(1), kc.stride(0), kc.stride(1),
         k_pool.norms.stride(0), k_pool.norms.stride(1), vc.stride(0), vc.stride(1),
         v_pool.norms.stride(0), v_pool.norms.stride(1),

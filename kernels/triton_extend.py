@@ -15,6 +15,11 @@ When a request spans several row blocks, `_unpack_kernel` first expands every kv
 bf16 values (norms applied, in the kernels' tile order) and the attention kernel reads that scratch as raw vectors:
 each code row is unpacked exactly once per call, and the attention is a plain bf16 flash attention. The launcher
 rotates the queries once and the output back once.
+
+Sliding window (a runtime argument, so one compiled kernel serves every window; -1: none): query row at position p
+sees the keys p - W .. p. A row block starts at the key tile holding its first row's window start and never reads a
+key below that start; inside a tile each row masks the keys outside its own window. The unpack-once path unpacks
+only the kv positions some query's window holds.
 """
 
 from __future__ import annotations
@@ -39,12 +44,13 @@ from .triton_common import (
     prepare_attention,
     store_part,
     unrotate,
+    window_arg,
 )
 
 __all__ = ["extend_attention_triton"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window"])
 def _extend_kernel(
     q_ptr,
     k_codes_ptr,
@@ -60,6 +66,7 @@ def _extend_kernel(
     kv_indices_ptr,
     out_ptr,
     logit_cap,
+    window,
     stride_q_t,
     stride_q_h,
     stride_kc_s,
@@ -109,6 +116,11 @@ def _extend_kernel(
     # Keys visible to the block's last real row; 0 when the block holds no row of this request.
     last_tok = tl.minimum((tl.program_id(2) * BLOCK_M + BLOCK_M - 1) // GROUP, n_new - 1)
     kv_end = tl.where(tl.program_id(2) * BLOCK_M < n_new * GROUP, prefix + last_tok + 1, 0)
+    # With a window: the block's first row sees no key below `lowest`, nor does any later row; keys below it are
+    # never read, and each row also masks the keys below its own window start (row_lo).
+    first_tok = (tl.program_id(2) * BLOCK_M) // GROUP
+    lowest = tl.where(window >= 0, tl.maximum(prefix + first_tok - window, 0), 0)
+    row_lo = tl.where(window >= 0, prefix + tok - window, 0)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     # Shapes from nested spec fields go through constexpr locals (Triton 3.6 takes no bare ints there).
@@ -118,11 +130,11 @@ def _extend_kernel(
     acc0 = tl.zeros([BLOCK_M, W0], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_M, W1], dtype=tl.float32)
     accs = tl.zeros([BLOCK_M, WS], dtype=tl.float32)
-    for n0 in range(0, kv_end, BLOCK_N):
+    for n0 in range((lowest // BLOCK_N) * BLOCK_N, kv_end, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs < kv_end
-        # Every row sees key 0, so no row's running max stays -inf past the first tile (no NaN from inf - inf).
-        visible = n_mask[None, :] & (offs[None, :] <= prefix + tok[:, None])
+        n_mask = (offs >= lowest) & (offs < kv_end)
+        # A row with no visible key yet keeps m = -inf; attend_tile shifts it by 0 (no NaN from inf - inf).
+        visible = n_mask[None, :] & (offs[None, :] <= prefix + tok[:, None]) & (offs[None, :] >= row_lo[:, None])
         slot = tl.load(kv_indices_ptr + kv_start + offs, mask=n_mask, other=0).to(tl.int64)
         m_i, l_i, acc0, acc1, accs = attend_tile(
             q0, q1, qs, m_i, l_i, acc0, acc1, accs,
@@ -162,6 +174,7 @@ def _unpack_kernel(
     pairs_ptr,
     pairs_f32_ptr,
     kv_indices_ptr,
+    need_ptr,
     scratch_ptr,
     num_kv,
     stride_c_s,
@@ -173,11 +186,15 @@ def _unpack_kernel(
     SPEC: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_NEED: tl.constexpr,
 ):
-    """Program (BLOCK_N kv positions, KV head h): their vectors' parts, norms applied, into scratch rows."""
+    """Program (BLOCK_N kv positions, KV head h): their vectors' parts, norms applied, into scratch rows (only those
+    with need[position] != 0 when HAS_NEED; the others are left as they are)."""
     h = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs < num_kv
+    if HAS_NEED:  # only the positions some query's window holds: the others are never read
+        n_mask = n_mask & (tl.load(need_ptr + offs, mask=n_mask, other=0) != 0)
     slot = tl.load(kv_indices_ptr + offs, mask=n_mask, other=0).to(tl.int64)
     row = codes_ptr + slot * stride_c_s + h * stride_c_h
     norm = norms_ptr + slot * stride_n_s + h * stride_n_h
@@ -207,24 +224,43 @@ def _scratch_spec(spec: RecordSpec) -> RecordSpec:
 
 
 def _unpacked(
-    pool: PackedVectors, codes: torch.Tensor, spec: RecordSpec, tensors, kv_indices, num_kv: int, dot_precision: str
+    pool: PackedVectors,
+    codes: torch.Tensor,
+    spec: RecordSpec,
+    tensors,
+    kv_indices,
+    num_kv: int,
+    dot_precision: str,
+    need: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The vectors at kv_indices[:num_kv], unpacked once: (num_kv, kv_heads, spec.width), bf16 (float32 for the
-    exact dot precisions), norms applied, in tile order."""
+    exact dot precisions), norms applied, in tile order. With `need` (num_kv,) bool, only the positions it marks
+    (the other rows are left uninitialised: the attention kernel must not read them)."""
     heads = codes.shape[1]
     dtype = torch.bfloat16 if dot_precision == "bf16" else torch.float32
     scratch = torch.empty(num_kv, heads, spec.width, dtype=dtype, device=codes.device)
     if num_kv:
         _unpack_kernel[(triton.cdiv(num_kv, UNPACK_BLOCK), heads)](
-            codes, pool.norms, tensors.pairs_bf16, tensors.pairs_f32, kv_indices, scratch, num_kv,
+            codes, pool.norms, tensors.pairs_bf16, tensors.pairs_f32, kv_indices,
+            kv_indices if need is None else need, scratch, num_kv,
             codes.stride(0), codes.stride(1), pool.norms.stride(0), pool.norms.stride(1),
             scratch.stride(0), scratch.stride(1),
-            SPEC=spec, BLOCK_N=UNPACK_BLOCK, PRECISION=dot_precision,
+            SPEC=spec, BLOCK_N=UNPACK_BLOCK, PRECISION=dot_precision, HAS_NEED=need is not None,
         )  # fmt: skip
     return scratch
 
 
 UNPACK_BLOCK = 64
+
+
+def _window_positions(qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, num_kv: int, window: int) -> torch.Tensor:
+    """(num_kv,) bool: whether kv position p (of the flat kv_indices) is in the window of some query of its request,
+    i.e. at or after its request's first new token's window start. On the device, without a sync."""
+    starts = kv_indptr.to(torch.int64)
+    pos = torch.arange(num_kv, device=kv_indptr.device)
+    request = torch.searchsorted(starts[1:].contiguous(), pos, right=True)
+    lo = (starts.diff() - qo_indptr.to(torch.int64).diff() - window).clamp_min(0)
+    return (pos - starts[request]) >= lo[request]
 
 
 def extend_attention_triton(
@@ -246,9 +282,10 @@ def extend_attention_triton(
     num_stages: int = 1,
     dot_precision: str = "bf16",
     check_indices: bool = True,
+    sliding_window_size: int | None = None,
 ) -> torch.Tensor:
-    """New tokens of each request, causal over prefix + themselves: q (tokens, q_heads, head_dim) -> same shape in
-    q.dtype, exactly as reference.extend_attention.
+    """New tokens of each request, causal over prefix + themselves (and within a sliding window, if any): q (tokens,
+    q_heads, head_dim) -> same shape in q.dtype, exactly as reference.extend_attention.
 
     block_m None is 32 rows (16 above head_dim 128). max_new_tokens (the longest request's new tokens) sizes the
     grid; None reads it from qo_indptr (a device sync). check_indices=False skips the index checks (device syncs);
@@ -286,14 +323,16 @@ def extend_attention_triton(
     if not (tokens and requests and max_new_tokens > 0):
         return unrotate(out, v_quantizer, q.dtype)
     kv_heads = k_pool.codes.shape[1]
+    window = window_arg(sliding_window_size)
     k_spec, v_spec, kc, vc = launch.k_spec, launch.v_spec, launch.k_codes, launch.v_codes
     k_norms, v_norms = k_pool.norms, v_pool.norms
     if max_new_tokens * launch.group > block_m:
         # Several row blocks per request would each unpack the whole prefix: unpack every kv position once instead,
         # and attend over the bf16 scratch (norms applied, no tables).
         num_kv = int(kv_indptr[-1])
-        kc = _unpacked(k_pool, kc, k_spec, launch.k_tensors, kv_indices, num_kv, dot_precision)
-        vc = _unpacked(v_pool, vc, v_spec, launch.v_tensors, kv_indices, num_kv, dot_precision)
+        need = None if window < 0 else _window_positions(qo_indptr, kv_indptr, num_kv, window)
+        kc = _unpacked(k_pool, kc, k_spec, launch.k_tensors, kv_indices, num_kv, dot_precision, need)
+        vc = _unpacked(v_pool, vc, v_spec, launch.v_tensors, kv_indices, num_kv, dot_precision, need)
         k_spec, v_spec, k_norms, v_norms = _scratch_spec(k_spec), _scratch_spec(v_spec), kc, vc
         kv_indices = torch.arange(num_kv, dtype=torch.int32, device=launch.device)
     grid = (requests, kv_heads, triton.cdiv(max_new_tokens * launch.group, block_m))
@@ -301,7 +340,7 @@ def extend_attention_triton(
     _extend_kernel[grid](
         launch.q_tiles, kc, k_norms, vc, v_norms,
         kt.pairs_bf16, kt.pairs_f32, vt.pairs_bf16, vt.pairs_f32, qo_indptr, kv_indptr, kv_indices, out,
-        float(logit_cap), launch.q_tiles.stride(0), launch.q_tiles.stride(1), kc.stride(0), kc.stride(1),
+        float(logit_cap), window, launch.q_tiles.stride(0), launch.q_tiles.stride(1), kc.stride(0), kc.stride(1),
         k_norms.stride(0), k_norms.stride(1), vc.stride(0), vc.stride(1),
         v_norms.stride(0), v_norms.stride(1), out.stride(0), out.stride(1),
         K=k_spec,

@@ -506,15 +506,52 @@ def test_backend_refuses_what_it_does_not_implement():
     backend, _ = make_backend(pool)
     with pytest.raises(NotImplementedError, match="TARGET_VERIFY"):
         backend.init_forward_metadata(extend_batch([0], [0], [1], torch.tensor([1]), mode=ForwardMode.TARGET_VERIFY))
-    windowed = make_layer(0)
-    windowed.sliding_window_size = 128
-    batch = extend_batch([0], [0], [1], torch.tensor([1]))
-    backend.init_forward_metadata(batch)
-    x = torch.randn(1, HQ * D)
-    with pytest.raises(NotImplementedError, match="sliding-window"):
-        backend.forward_extend(x, x[:, : HKV * D], x[:, : HKV * D], windowed, batch)
     with pytest.raises(RuntimeError, match="packed TurboQuant KV pool"):
         make_backend(SimpleNamespace())
+
+
+def test_each_layer_attends_within_its_own_sliding_window():
+    """Layers of one model with different windows (layer 0: W = 3, layer 1: none, as Gemma 2 alternates): each call
+    passes its layer's window, extend and decode match the reference with that window, and slots outside the
+    window are never read (NaN norms there leave the output finite)."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+    from tq_serve.kernels import reference
+
+    pool, _ = make_pool(TurboQuantConfig(kv_bits=4))
+    backend, req_to_token = make_backend(pool)
+    torch.manual_seed(4)
+    n = 10
+    slots = torch.arange(1, 1 + n)
+    req_to_token[0, : n + 1] = torch.arange(1, 2 + n)
+    k, v = torch.randn(n, HKV, D, dtype=torch.bfloat16), torch.randn(n, HKV, D, dtype=torch.bfloat16)
+    q = torch.randn(n, HQ * D, dtype=torch.bfloat16)
+    for layer_id, window in ((0, 3), (1, -1)):
+        layer = make_layer(layer_id)
+        layer.sliding_window_size = window
+        batch = extend_batch([0], [0], [n], slots)
+        backend.init_forward_metadata(batch)
+        out = backend.forward_extend(q, k.reshape(n, -1), v.reshape(n, -1), layer, batch)
+        kq, vq = pool.quantizers(layer_id)
+        kp, vp = pool.get_key_buffer(layer_id), pool.get_value_buffer(layer_id)
+        expect = reference.extend_attention(q.view(n, HQ, D), kp, vp, torch.tensor([0, n]), torch.tensor([0, n]),
+                                            slots, kq, vq, D**-0.5, sliding_window_size=window)  # fmt: skip
+        torch.testing.assert_close(out.view(n, HQ, D).float(), expect.float(), atol=1e-2, rtol=1e-2)
+        if window >= 0:  # decode one more token with the slots outside its window poisoned
+            kp.norms[slots[: n - window]] = float("nan")
+            vp.norms[slots[: n - window]] = float("nan")
+        decode = SimpleNamespace(
+            forward_mode=ForwardMode.DECODE, batch_size=1, req_pool_indices=torch.tensor([0]),
+            seq_lens=torch.tensor([n + 1]), seq_lens_sum=n + 1, out_cache_loc=torch.tensor([n + 1]),
+        )  # fmt: skip
+        backend.init_forward_metadata(decode)
+        new = torch.randn(2, 1, HKV * D, dtype=torch.bfloat16)
+        out = backend.forward_decode(q[:1], new[0], new[1], layer, decode)
+        assert torch.isfinite(out.float()).all()
+        indptr, indices = torch.tensor([0, n + 1]), torch.arange(1, 2 + n)
+        expect = reference.decode_attention(
+            q[:1].view(1, HQ, D), kp, vp, indptr, indices, kq, vq, D**-0.5, sliding_window_size=window
+        )
+        torch.testing.assert_close(out.view(1, HQ, D).float(), expect.float(), atol=1e-2, rtol=1e-2)
 
 
 def test_turboquant_must_serve_both_prefill_and_decode():

@@ -18,6 +18,13 @@
 //   which thread ran them.
 // So a request's output is bitwise the same alone or in a batch, on 1 or N threads, and an extend row's output
 // depends only on its own query, its position and the keys up to it (prefix cached or computed: the same).
+//
+// Sliding window W (window >= 0; -1: none), as SGLang masks it: the query at position p sees keys p - W .. p. Keys
+// outside every query's window are never read: a decode's chunks start at the window's chunk and its first chunk at
+// the window start (both functions of the request alone); an extend block starts at the key tile holding its first
+// row's window start, and inside a tile a row's scores are masked outside its own window (keys below the block's
+// window start are not decoded: zeros, with zero weight). A row's tiles that hold none of its keys leave its state
+// exactly as it is, so the order of its reduction is still fixed by absolute tile positions.
 
 #include <algorithm>
 #include <cmath>
@@ -36,7 +43,7 @@
 
 namespace {
 
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;
 constexpr int kMaxOps = 8;
 constexpr int kLanes = 16;
 constexpr int64_t kDecodeChunk = 512;  // keys per decode work item (a fixed split: part of the reduction order)
@@ -360,12 +367,12 @@ inline void vector_scales(const VectorSpec& spec, const PoolView& pool, int64_t 
     *qjl = spec.norms_per_vector == 2 ? *value * read_norm(spec, pool, slot, head, 1) * spec.qjl_scale : 0.f;
 }
 
-// s[t] <- cap_logit(s[t] * scale) for t < n (entries past n are scaled too, and left for exp_shifted_sum to zero);
-// returns the max over t < n (-inf when n = 0). A max is exact in any order.
-inline float scaled_max(float* s, int n, float scale, float cap) {
+// s[t] <- cap_logit(s[t] * scale) for lo <= t < n (entries past n are scaled too, and left for exp_shifted_sum to
+// zero); returns the max over lo <= t < n (-inf when none). A max is exact in any order.
+inline float scaled_max(float* s, int lo, int n, float scale, float cap) {
     if (cap > 0.f) {
         float mx = kNegInf;
-        for (int t = 0; t < n; ++t) {
+        for (int t = lo; t < n; ++t) {
             s[t] = cap_logit(s[t] * scale, cap);
             mx = std::max(mx, s[t]);
         }
@@ -375,10 +382,12 @@ inline float scaled_max(float* s, int n, float scale, float cap) {
     __m256 mx = _mm256_set1_ps(kNegInf);
     const __m256 sv = _mm256_set1_ps(scale), neg = _mm256_set1_ps(kNegInf);
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    for (int t = 0; t < n; t += 8) {
+    for (int t = lo / 8 * 8; t < n; t += 8) {
         const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(s + t), sv);
         _mm256_storeu_ps(s + t, v);
-        const __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n - t), lane));
+        const __m256i in_range = _mm256_and_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(n - t), lane),
+                                                  _mm256_cmpgt_epi32(lane, _mm256_set1_epi32(lo - t - 1)));
+        const __m256 live = _mm256_castsi256_ps(in_range);
         mx = _mm256_max_ps(mx, _mm256_blendv_ps(neg, v, live));
     }
     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
@@ -386,7 +395,7 @@ inline float scaled_max(float* s, int n, float scale, float cap) {
     return _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
 #else
     float mx = kNegInf;
-    for (int t = 0; t < n; ++t) {
+    for (int t = lo; t < n; ++t) {
         s[t] *= scale;
         mx = std::max(mx, s[t]);
     }
@@ -409,6 +418,9 @@ struct DecodeArgs {
     float sm_scale;
     float logit_cap;
 };
+
+// The first key position a query at position `pos` sees.
+inline int64_t window_start(int64_t pos, int64_t window) { return window < 0 ? 0 : std::max<int64_t>(0, pos - window); }
 
 // out[i] = q[i][off:off + n] . row[off:off + n] (n a multiple of 16) for NG queries: 16 lanes per dot, folded by a
 // fixed tree.
@@ -592,20 +604,23 @@ int thread_count(int requested) { return requested > 0 ? requested : 1; }
 
 extern "C" {
 
-// Decode: q (B, Hq, Ek) fp32 in K's storage basis; request b reads slots kv_indices[kv_indptr[b] : kv_indptr[b+1]];
-// out (B, Hq, Ev) fp32 in V's storage basis, contiguous (zeros for a request without slots).
+// Decode: q (B, Hq, Ek) fp32 in K's storage basis; request b reads slots kv_indices[kv_indptr[b] : kv_indptr[b+1]],
+// from its window start on (window >= 0: its last window + 1 slots); out (B, Hq, Ev) fp32 in V's storage basis,
+// contiguous (zeros for a request without slots).
 int tq_decode_attention(const float* q, int64_t q_row_stride, int64_t q_head_stride, const VectorSpec* ks,
                         PoolView kp, const VectorSpec* vs, PoolView vp, const int64_t* kv_indptr,
                         const void* kv_indices, int32_t indices_64, int32_t batch, int32_t kv_heads, int32_t group,
-                        float sm_scale, float logit_cap, float* out, int32_t num_threads) {
+                        float sm_scale, float logit_cap, int32_t window, float* out, int32_t num_threads) {
     const DecodeArgs args{q, q_row_stride, q_head_stride, ks, kp, vs, vp, kv_indices, indices_64, kv_heads, group,
                           sm_scale, logit_cap};
     const int ev = vs->width, G = group;
-    // Work items (request, KV head, chunk), and where each request's chunks start among them.
-    std::vector<int64_t> chunk_base(static_cast<size_t>(batch) + 1, 0);
+    // Work items (request, KV head, chunk), and where each request's chunks start among them: chunks at fixed
+    // positions (multiples of kDecodeChunk), from the one holding the window start.
+    std::vector<int64_t> chunk_base(static_cast<size_t>(batch) + 1, 0), first_chunk(static_cast<size_t>(batch), 0);
     for (int b = 0; b < batch; ++b) {
         const int64_t len = kv_indptr[b + 1] - kv_indptr[b];
-        chunk_base[b + 1] = chunk_base[b] + (len + kDecodeChunk - 1) / kDecodeChunk;
+        first_chunk[b] = len > 0 ? window_start(len - 1, window) / kDecodeChunk : 0;
+        chunk_base[b + 1] = chunk_base[b] + (len + kDecodeChunk - 1) / kDecodeChunk - first_chunk[b];
     }
     const int64_t chunks = chunk_base[batch];
     const int64_t items = chunks * kv_heads;
@@ -624,7 +639,8 @@ int tq_decode_attention(const float* q, int64_t q_row_stride, int64_t q_head_str
         const int64_t c = item / kv_heads, h = item % kv_heads;
         const int b = item_request[c];
         const int64_t len = kv_indptr[b + 1] - kv_indptr[b];
-        const int64_t k0 = (c - chunk_base[b]) * kDecodeChunk, k1 = std::min(len, k0 + kDecodeChunk);
+        const int64_t c0 = (c - chunk_base[b] + first_chunk[b]) * kDecodeChunk;
+        const int64_t k0 = std::max(c0, window_start(len - 1, window)), k1 = std::min(len, c0 + kDecodeChunk);
         decode_chunk(args, b, h, kv_indptr[b], k0, k1, &part_m[item * G], &part_l[item * G],
                      &part_acc[static_cast<size_t>(item) * G * ev]);
     }
@@ -677,15 +693,18 @@ struct ExtendArgs {
     int group;
     float sm_scale;
     float logit_cap;
+    int64_t window;
     float* out;
 };
 
-// Decode keys [k0, k0 + nt) of a request into a transposed tile kt[e * kExtendTile + t], norms applied; columns
-// nt..kExtendTile are zero.
-void key_tile(const ExtendArgs& a, int64_t first, int64_t h, int64_t k0, int nt, float* row, float* kt) {
+// Decode keys [k0 + t0, k0 + nt) of a request into a transposed tile kt[e * kExtendTile + t], norms applied;
+// columns before t0 (outside every row's window: never read) and from nt on are zero.
+void key_tile(const ExtendArgs& a, int64_t first, int64_t h, int64_t k0, int t0, int nt, float* row, float* kt) {
     const VectorSpec& ks = *a.ks;
     const int ek = ks.width, dk = ks.head_dim;
-    for (int t = 0; t < nt; ++t) {
+    for (int e = 0; e < ek; ++e)
+        for (int t = 0; t < t0; ++t) kt[e * kExtendTile + t] = 0.f;
+    for (int t = t0; t < nt; ++t) {
         const int64_t slot = slot_at(a.kv_indices, a.indices_64, first + k0 + t);
         float n, nq;
         vector_scales(ks, a.kp, slot, h, &n, &nq);
@@ -697,11 +716,12 @@ void key_tile(const ExtendArgs& a, int64_t first, int64_t h, int64_t k0, int nt,
         for (int t = nt; t < kExtendTile; ++t) kt[e * kExtendTile + t] = 0.f;
 }
 
-// Decode values [k0, k0 + nt) into rows vt[t * Ev + e], norms applied; rows nt..kExtendTile are zero.
-void value_tile(const ExtendArgs& a, int64_t first, int64_t h, int64_t k0, int nt, float* vt) {
+// Decode values [k0 + t0, k0 + nt) into rows vt[t * Ev + e], norms applied; rows before t0 and from nt on are zero.
+void value_tile(const ExtendArgs& a, int64_t first, int64_t h, int64_t k0, int t0, int nt, float* vt) {
     const VectorSpec& vs = *a.vs;
     const int ev = vs.width, dv = vs.head_dim;
-    for (int t = 0; t < nt; ++t) {
+    std::fill(vt, vt + static_cast<int64_t>(t0) * ev, 0.f);
+    for (int t = t0; t < nt; ++t) {
         const int64_t slot = slot_at(a.kv_indices, a.indices_64, first + k0 + t);
         float n, nq;
         vector_scales(vs, a.vp, slot, h, &n, &nq);
@@ -715,6 +735,33 @@ void value_tile(const ExtendArgs& a, int64_t first, int64_t h, int64_t k0, int n
 
 // s[r][t] = sum_e q[r][e] * kt[e][t], each a sequential sum over e; rows in blocks of 4, keys in blocks of 16.
 void tile_scores(const float* qb, int rows, int ek, const float* kt, float* s) {
+#ifdef __AVX512F__
+    // 4 rows x the whole tile (4 x 16 keys): 16 accumulators, the tile (ek x 64 floats) stays in L1 for every row
+    // block. Each accumulator lane is one (row, key) summed over e in order: the same sums as the AVX2 path.
+    static_assert(kExtendTile == 64, "the AVX-512 micro-kernel covers a tile in four registers");
+    for (int r0 = 0; r0 < rows; r0 += 4) {
+        __m512 c[4][4];
+        for (int i = 0; i < 4; ++i)
+            for (int j = 0; j < 4; ++j) c[i][j] = _mm512_setzero_ps();
+        const float* q0 = qb + r0 * ek;
+        for (int e = 0; e < ek; ++e) {
+            const float* k = kt + e * kExtendTile;
+            __m512 k0 = _mm512_loadu_ps(k), k1 = _mm512_loadu_ps(k + 16);
+            __m512 k2 = _mm512_loadu_ps(k + 32), k3 = _mm512_loadu_ps(k + 48);
+            asm("" : "+v"(k0), "+v"(k1), "+v"(k2), "+v"(k3));  // keep the tile row in registers: one load each
+            for (int i = 0; i < 4; ++i) {
+                const __m512 qv = _mm512_set1_ps(q0[i * ek + e]);
+                c[i][0] = _mm512_fmadd_ps(qv, k0, c[i][0]);
+                c[i][1] = _mm512_fmadd_ps(qv, k1, c[i][1]);
+                c[i][2] = _mm512_fmadd_ps(qv, k2, c[i][2]);
+                c[i][3] = _mm512_fmadd_ps(qv, k3, c[i][3]);
+            }
+        }
+        for (int i = 0; i < 4; ++i)
+            for (int j = 0; j < 4; ++j) _mm512_storeu_ps(s + (r0 + i) * kExtendTile + 16 * j, c[i][j]);
+    }
+    return;
+#endif
     // Key blocks outer: one block's column of the tile (ek x 16 floats) stays in L1 while every row passes.
     for (int t0 = 0; t0 < kExtendTile; t0 += 16) {
         for (int r0 = 0; r0 < rows; r0 += 4) {
@@ -723,7 +770,8 @@ void tile_scores(const float* qb, int rows, int ek, const float* kt, float* s) {
             for (int i = 0; i < 4; ++i) c[i][0] = c[i][1] = _mm256_setzero_ps();
             for (int e = 0; e < ek; ++e) {
                 const float* k = kt + e * kExtendTile + t0;
-                const __m256 k0 = _mm256_loadu_ps(k), k1 = _mm256_loadu_ps(k + 8);
+                __m256 k0 = _mm256_loadu_ps(k), k1 = _mm256_loadu_ps(k + 8);
+                asm("" : "+x"(k0), "+x"(k1));  // one load each, not one per row folded into the FMAs
                 for (int i = 0; i < 4; ++i) {
                     const __m256 qv = _mm256_broadcast_ss(qb + (r0 + i) * ek + e);
                     c[i][0] = _mm256_fmadd_ps(qv, k0, c[i][0]);
@@ -751,6 +799,38 @@ void tile_scores(const float* qb, int rows, int ek, const float* kt, float* s) {
 
 // acc[r][e] = acc[r][e] * alpha[r] + sum_t p[r][t] * vt[t][e], sequential over t.
 void tile_values(const float* p, const float* alpha, int rows, int ev, const float* vt, float* acc) {
+#ifdef __AVX512F__
+    // 4 rows x 64 columns: 16 accumulators; each lane is one (row, e) summed over t in order, as the AVX2 path.
+    if (ev % 64 == 0) {
+        for (int e0 = 0; e0 < ev; e0 += 64) {
+            for (int r0 = 0; r0 < rows; r0 += 4) {
+                __m512 c[4][4];
+                for (int i = 0; i < 4; ++i) {
+                    const __m512 a = _mm512_set1_ps(alpha[r0 + i]);
+                    for (int j = 0; j < 4; ++j)
+                        c[i][j] = _mm512_mul_ps(_mm512_loadu_ps(acc + (r0 + i) * ev + e0 + 16 * j), a);
+                }
+                const float* p0 = p + r0 * kExtendTile;
+                for (int t = 0; t < kExtendTile; ++t) {
+                    const float* v = vt + static_cast<int64_t>(t) * ev + e0;
+                    __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+                    __m512 v2 = _mm512_loadu_ps(v + 32), v3 = _mm512_loadu_ps(v + 48);
+                    asm("" : "+v"(v0), "+v"(v1), "+v"(v2), "+v"(v3));  // one load per tile row, as above
+                    for (int i = 0; i < 4; ++i) {
+                        const __m512 pv = _mm512_set1_ps(p0[i * kExtendTile + t]);
+                        c[i][0] = _mm512_fmadd_ps(pv, v0, c[i][0]);
+                        c[i][1] = _mm512_fmadd_ps(pv, v1, c[i][1]);
+                        c[i][2] = _mm512_fmadd_ps(pv, v2, c[i][2]);
+                        c[i][3] = _mm512_fmadd_ps(pv, v3, c[i][3]);
+                    }
+                }
+                for (int i = 0; i < 4; ++i)
+                    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(acc + (r0 + i) * ev + e0 + 16 * j, c[i][j]);
+            }
+        }
+        return;
+    }
+#endif
     for (int e0 = 0; e0 < ev; e0 += 16) {  // one 16-wide column of the value tile stays in L1 for every row
         for (int r0 = 0; r0 < rows; r0 += 4) {
 #ifdef __AVX2__
@@ -762,7 +842,8 @@ void tile_values(const float* p, const float* alpha, int rows, int ev, const flo
             }
             for (int t = 0; t < kExtendTile; ++t) {
                 const float* v = vt + static_cast<int64_t>(t) * ev + e0;
-                const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
+                __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
+                asm("" : "+x"(v0), "+x"(v1));
                 for (int i = 0; i < 4; ++i) {
                     const __m256 pv = _mm256_broadcast_ss(p + (r0 + i) * kExtendTile + t);
                     c[i][0] = _mm256_fmadd_ps(pv, v0, c[i][0]);
@@ -810,7 +891,8 @@ void extend_block(const ExtendArgs& a, int64_t q_first, int64_t i0, int nq, int6
         }
     }
     const int64_t last = pos0 + nq - 1;
-    for (int64_t k0 = 0; k0 <= last; k0 += kExtendTile) {
+    const int64_t lowest = window_start(pos0, a.window);  // no row of the block sees a key below it
+    for (int64_t k0 = lowest / kExtendTile * kExtendTile; k0 <= last; k0 += kExtendTile) {
         const int nt = static_cast<int>(std::min<int64_t>(kExtendTile, last + 1 - k0));
         if (k0 + kExtendTile <= last) {
             int64_t upcoming[kExtendTile];
@@ -819,22 +901,27 @@ void extend_block(const ExtendArgs& a, int64_t q_first, int64_t i0, int nq, int6
             prefetch_rows(ks, a.kp, upcoming, nn, h);
             prefetch_rows(vs, a.vp, upcoming, nn, h);
         }
-        key_tile(a, first, h, k0, nt, row.data(), kt.data());
+        const int t0 = static_cast<int>(std::max<int64_t>(0, lowest - k0));
+        key_tile(a, first, h, k0, t0, nt, row.data(), kt.data());
         tile_scores(qb.data(), padded, ek, kt.data(), s.data());
         for (int r = 0; r < padded; ++r) {
             float* sr = s.data() + r * kExtendTile;
+            // the row's keys in this tile: [from, visible)
             const int visible = static_cast<int>(std::clamp<int64_t>(pos[r] - k0 + 1, 0, nt));
-            const float m_new = std::max(m[r], scaled_max(sr, visible, a.sm_scale, a.logit_cap));
-            if (visible == 0) {  // nothing to see in this tile: the row's state stays exactly as it is
+            const int64_t row_start = pos[r] < 0 ? 0 : window_start(pos[r], a.window);
+            const int from = static_cast<int>(std::clamp<int64_t>(row_start - k0, 0, nt));
+            if (visible <= from) {  // nothing to see in this tile: the row's state stays exactly as it is
                 alpha[r] = 1.f;
                 std::fill(sr, sr + kExtendTile, 0.f);
                 continue;
             }
+            const float m_new = std::max(m[r], scaled_max(sr, from, visible, a.sm_scale, a.logit_cap));
+            std::fill(sr, sr + from, kNegInf);  // exp(-inf) = 0: no weight
             alpha[r] = std::exp(m[r] - m_new);
             l[r] = l[r] * alpha[r] + exp_shifted_sum(sr, visible, kExtendTile, m_new);
             m[r] = m_new;
         }
-        value_tile(a, first, h, k0, nt, vt.data());
+        value_tile(a, first, h, k0, t0, nt, vt.data());
         tile_values(s.data(), alpha.data(), padded, ev, vt.data(), acc.data());
     }
     for (int r = 0; r < rows; ++r) {
@@ -851,15 +938,16 @@ extern "C" {
 
 // Extend: q (T, Hq, Ek) fp32 in K's storage basis; request b owns rows qo_indptr[b] : qo_indptr[b+1], its last
 // tokens, and slots kv_indices[kv_indptr[b] : kv_indptr[b+1]] (prefix, then its new tokens, already written); row i
-// of request b sees the keys at positions <= (its kv length - its new tokens) + i. out (T, Hq, Ev) fp32 in V's
-// storage basis, contiguous; rows of requests without slots are left as they are.
+// of request b sees the keys at positions p - window .. p (window >= 0; else 0 .. p), p = (its kv length - its new
+// tokens) + i. out (T, Hq, Ev) fp32 in V's storage basis, contiguous; rows of requests without slots are left as
+// they are.
 int tq_extend_attention(const float* q, int64_t q_row_stride, int64_t q_head_stride, const VectorSpec* ks,
                         PoolView kp, const VectorSpec* vs, PoolView vp, const int64_t* qo_indptr,
                         const int64_t* kv_indptr, const void* kv_indices, int32_t indices_64, int32_t batch,
-                        int32_t kv_heads, int32_t group, float sm_scale, float logit_cap, float* out,
-                        int32_t num_threads) {
+                        int32_t kv_heads, int32_t group, float sm_scale, float logit_cap, int32_t window,
+                        float* out, int32_t num_threads) {
     const ExtendArgs args{q, q_row_stride, q_head_stride, ks, kp, vs, vp, kv_indices, indices_64, kv_heads, group,
-                          sm_scale, logit_cap, out};
+                          sm_scale, logit_cap, window, out};
     const int tokens_per_item = std::max(1, kExtendRows / group);
     std::vector<int64_t> item_request, item_first_token;
     for (int b = 0; b < batch; ++b) {

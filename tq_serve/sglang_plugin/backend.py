@@ -7,7 +7,10 @@ computed or came from the radix cache. The kernels (tq_serve.sglang_plugin.ops) 
 never the pool. The path from this backend to a kernel: docs/ARCHITECTURE.md section 5.2.
 
 Static facts: decoder-only causal attention, qk_head_dim == v_head_dim, GQA (q heads a multiple of KV heads), tanh
-logit capping; no sliding window, cross attention, encoder-only layers or speculative decoding.
+logit capping, sliding windows (each layer's own layer.sliding_window_size, passed per call: the query at position p
+sees keys p - W .. p, as SGLang's torch_native backend masks them, and the kernels never read a slot outside the
+window); no cross attention, encoder-only layers or speculative decoding. Sliding-window layers keep every slot in
+the one pool (no SWA sub-pool): memory is that of full attention, only the reads are windowed.
 """
 
 from __future__ import annotations
@@ -140,8 +143,6 @@ class TurboQuantAttnBackend(AttentionBackend):
     def _check_layer(layer) -> None:
         if layer.is_cross_attention or layer.attn_type.value != "decoder":
             raise NotImplementedError("attention backend 'turboquant' supports causal decoder self-attention only")
-        if layer.sliding_window_size is not None and layer.sliding_window_size > -1:
-            raise NotImplementedError("attention backend 'turboquant' does not support sliding-window attention")
         if layer.qk_head_dim != layer.v_head_dim:
             raise NotImplementedError("attention backend 'turboquant' needs qk_head_dim == v_head_dim")
         if layer.logit_cap > 0 and layer.logit_capping_method != "tanh":
@@ -173,10 +174,13 @@ class TurboQuantAttnBackend(AttentionBackend):
         md = self.forward_metadata
         q = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         args = (self.pool.get_key_buffer(layer.layer_id), self.pool.get_value_buffer(layer.layer_id))
+        window = layer.sliding_window_size  # None or -1: none; the ops read only the slots inside it
+        window = None if window is None or window < 0 else int(window)
         if decode:
             out = ops.decode_attention(
-                q, *args, md.kv_indptr, md.kv_indices, k_quantizer, v_quantizer, layer.scaling, layer.logit_cap
-            )
+                q, *args, md.kv_indptr, md.kv_indices, k_quantizer, v_quantizer, layer.scaling, layer.logit_cap,
+                sliding_window_size=window,
+            )  # fmt: skip
         else:
             out = ops.extend_attention(
                 q,
@@ -189,6 +193,7 @@ class TurboQuantAttnBackend(AttentionBackend):
                 layer.scaling,
                 layer.logit_cap,
                 max_new_tokens=md.max_extend_len,
+                sliding_window_size=window,
             )
         return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 

@@ -2,10 +2,16 @@
 
 Both implement the same semantics (tq_serve.kernels.reference is the specification):
 
-    write_kv(k_pool, v_pool, k, v, out_cache_loc, k_quantizer, v_quantizer) -> None
-    decode_attention(q, k_pool, v_pool, kv_indptr, kv_indices, k_quantizer, v_quantizer, sm_scale, logit_cap)
+    write_kv(k_pool, v_pool, k, v, out_cache_loc, k_quantizer, v_quantizer, saturated=None) -> None
+    decode_attention(q, k_pool, v_pool, kv_indptr, kv_indices, k_quantizer, v_quantizer, sm_scale, logit_cap,
+                     sliding_window_size=None)
     extend_attention(q, k_pool, v_pool, qo_indptr, kv_indptr, kv_indices, k_quantizer, v_quantizer, sm_scale,
-                     logit_cap, max_new_tokens=None)
+                     logit_cap, max_new_tokens=None, sliding_window_size=None)
+
+sliding_window_size is the layer's own (SGLang's RadixAttention attribute; None or -1: none), passed per call, so
+the layers of one model may have different windows (Gemma 2 alternates, Gemma 3 is 5:1) on the same ops; every
+implementation reads only the slots inside the window. `saturated` (an int64 device tensor of one element, or None)
+counts the norms a write saturated at the largest finite value of the norm dtype (docs/ARCHITECTURE.md section 2).
 
 Chosen once per layer, when the pool is built:
 - CPU: the C++ kernel of kernels/cpu_attention.py (writes are the reference itself): decode and extend read the
