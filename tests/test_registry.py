@@ -91,3 +91,37 @@ def test_shape_falls_back_to_the_yaml_without_weights(tmp_path, monkeypatch):
     assert registry.shape("llama-3.1-8b") == ModelShape(num_layers=32, num_kv_heads=8, head_dim=128)
     with pytest.raises(ModelNotFoundError):
         registry.shape("tq-tiny", model_path=tmp_path / "nothing")
+
+
+def test_every_shipped_hub_alias_records_its_shape_architecture_and_stand_in():
+    for alias, entry in ModelRegistry.load().entries.items():
+        if entry.hf_id is not None:
+            assert entry.shape is not None and entry.architecture and entry.tiny and entry.obtain, alias
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ("{hf_id: a/b, colour: red}", r"unknown keys \['colour'\]"),
+        ("{description: nothing}", "give a repo-relative `path` or a Hugging Face `hf_id`"),
+        ("{hf_id: a/b, shape: {num_layers: 2, head_dim: 64}}", "shape must give exactly"),
+        ("{hf_id: a/b, shape: {num_layers: 2, num_kv_heads: 0, head_dim: 64}}", "shape values must be positive"),
+        ("{hf_id: a/b, tiny: nope}", "unknown tiny architecture 'nope'"),
+    ],
+)
+def test_malformed_registry_entries_are_named(tmp_path, entry, message):
+    (tmp_path / "models.yaml").write_text(f"models:\n  bad: {entry}\n")
+    with pytest.raises(ValueError, match=f"model 'bad': {message}"):
+        ModelRegistry.load(tmp_path / "models.yaml", root=tmp_path)
+
+
+def test_context_length_is_read_as_sglang_reads_it(registry, tmp_path):
+    path = make_model_dir(tmp_path / "m", {**LLAMA_8B, "max_position_embeddings": 4096})
+    assert registry.resolve(str(path)).context_length == 4096
+    path = make_model_dir(tmp_path / "y", {**LLAMA_8B, "max_position_embeddings": 4096, "rope_scaling": {"factor": 4}})
+    assert registry.resolve(str(path)).context_length == 16384
+
+
+def test_a_multimodal_config_reads_its_text_config(registry, tmp_path):
+    path = make_model_dir(tmp_path / "mm", {"text_config": {**LLAMA_8B, "head_dim": 256}})
+    assert registry.resolve(str(path)).shape == ModelShape(num_layers=32, num_kv_heads=8, head_dim=256)
