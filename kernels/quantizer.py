@@ -11,6 +11,14 @@ Norm correction (optional, mse only): store n / ||c[idx]|| instead of n, so that
 
 Ties: a coordinate exactly on a boundary takes the lower code (torch.bucketize, right=False); the Triton write
 kernel counts boundaries strictly below the value, which is the same rule.
+
+Extreme vectors (real models have K/V coordinates of 1e4-1e5): the norm is computed on x scaled by a power of two,
+2^-e with e the binary exponent of max |x_j| (clamped to [-126, 126]), so that neither the squares of huge inputs
+(bf16 near its max) overflow float32 nor those of denormal inputs underflow to 0; a power of two scales exactly, so
+an ordinary vector gets bitwise the same u = x / n as without it. A norm beyond the largest finite value of the norm
+dtype (65504 for float16, the default) is stored saturated at that value, never as inf, and counted when the caller
+passes a counter (`--kv-norm-dtype float32` holds such norms up to 3.4e38). An all-zero vector stores norm 0 and
+attends as zero (no division by zero).
 """
 
 from __future__ import annotations
@@ -26,6 +34,20 @@ from .packed import PackedVectors
 from .rotation import qjl_matrix, qjl_scale, rotation_matrix
 
 _TINY = 1e-30
+
+
+def norm_limit(norm_dtype: torch.dtype) -> float:
+    """The largest finite norm a pool of `norm_dtype` stores: larger norms are saturated to it."""
+    return float(torch.finfo(norm_dtype).max)
+
+
+def power_of_two_scale(x32: torch.Tensor) -> torch.Tensor:
+    """x32 (..., d) float32 -> (...,) float32 2^-e, e = frexp exponent of max_j |x_j| clamped to [-126, 126] (so
+    the scale is a normal float): x * scale has max |.| in [0.5, 4) (below for zero/denormal-only vectors), is exact,
+    and its squares neither overflow nor underflow. The Triton write kernel computes the same bits."""
+    amax = x32.abs().amax(dim=-1)
+    exponent = ((amax.view(torch.int32) >> 23) & 0xFF) - 126
+    return ((127 - exponent.clamp(-126, 126)) << 23).view(torch.float32)
 
 
 def unpack_plane(codes: torch.Tensor, plane: Plane) -> torch.Tensor:
@@ -125,8 +147,11 @@ class TurboQuantizer:
             raise TypeError(f"expected PackedVectors (codes, norms) of {self.layout}, got {type(packed).__name__}")
         packed.check("packed vectors", self.layout)
 
-    def quantize(self, x: torch.Tensor) -> PackedVectors:
-        """(..., head_dim) float -> packed vectors: codes (..., code_bytes) uint8, norms (..., norms_per_vector)."""
+    def quantize(self, x: torch.Tensor, saturated: torch.Tensor | None = None) -> PackedVectors:
+        """(..., head_dim) float -> packed vectors: codes (..., code_bytes) uint8, norms (..., norms_per_vector).
+
+        Norms beyond the norm dtype's range are stored at its largest finite value; `saturated` (an integer tensor
+        on x's device), if given, is incremented in place by their number (no host sync)."""
         self._check_vectors(x)
         lay = self.layout
         out = PackedVectors.empty(lay, x.shape[:-1], x.device)
@@ -135,8 +160,11 @@ class TurboQuantizer:
             return out
         t = self.tensors(x.device)
         x32 = x.float()
-        norm = x32.norm(dim=-1)
-        y = _rotate_each(x32 / norm.clamp_min(_TINY).unsqueeze(-1), t.rotation.T)
+        scale = power_of_two_scale(x32)  # exact: see the module docstring
+        xs = x32 * scale.unsqueeze(-1)
+        norm_s = xs.norm(dim=-1)
+        norm = norm_s / scale  # inf beyond float32: saturated below
+        y = _rotate_each(xs / norm_s.clamp_min(_TINY).unsqueeze(-1), t.rotation.T)
         need_approx = self.norm_correction or lay.variant == "prod"
         approx = torch.zeros_like(y) if need_approx else None
         for seg, cb, bounds in zip(lay.segments, t.centroids, t.boundaries, strict=True):
@@ -150,7 +178,10 @@ class TurboQuantizer:
         stored_norm = norm
         if self.norm_correction:
             stored_norm = norm / approx.norm(dim=-1).clamp_min(_TINY)
-        out.norms[..., 0] = stored_norm
+        limit = norm_limit(self.norm_dtype)
+        if saturated is not None:
+            saturated += (stored_norm > limit).sum()
+        out.norms[..., 0] = stored_norm.clamp(max=limit)
         if lay.variant == "prod":
             residual = y - approx
             signs = (residual @ t.qjl.T) >= 0

@@ -63,8 +63,12 @@ def write_kv(
     out_cache_loc: torch.Tensor,
     k_quantizer: TurboQuantizer,
     v_quantizer: TurboQuantizer,
+    *,
+    saturated: torch.Tensor | None = None,
 ) -> None:
-    """Quantize k, v (T, Hkv, d) and store them at pool slots out_cache_loc (T,), in place."""
+    """Quantize k, v (T, Hkv, d) and store them at pool slots out_cache_loc (T,), in place. `saturated` (an integer
+    tensor, one element, on the pool's device), if given, counts the norms stored saturated at the norm dtype's
+    largest finite value (TurboQuantizer.quantize)."""
     _check_pool("k_pool", k_pool, k_quantizer)
     _check_pool("v_pool", v_pool, v_quantizer)
     if k.shape != v.shape or k.dim() != 3 or k.shape[1] != k_pool.shape[1] or k.shape[0] != out_cache_loc.numel():
@@ -75,11 +79,11 @@ def write_kv(
     _check_indices("out_cache_loc", out_cache_loc, k_pool.shape[0])
     loc = out_cache_loc.long()
     if k_quantizer is v_quantizer:  # one pass over K and V together: half the calls (quantize is row by row on CPU)
-        codes, norms = k_quantizer.quantize(torch.cat([k, v]))
+        codes, norms = k_quantizer.quantize(torch.cat([k, v]), saturated)
         t = k.shape[0]
         k_packed, v_packed = PackedVectors(codes[:t], norms[:t]), PackedVectors(codes[t:], norms[t:])
     else:
-        k_packed, v_packed = k_quantizer.quantize(k), v_quantizer.quantize(v)
+        k_packed, v_packed = k_quantizer.quantize(k, saturated), v_quantizer.quantize(v, saturated)
     k_pool.index_copy_(loc, k_packed)
     v_pool.index_copy_(loc, v_packed)
 

@@ -3,12 +3,15 @@ V of one layer in one launch. Semantics: reference.write_kv (TurboQuant Algorith
 
 Per row (one token, one KV head) of head_dim d:
 
-    n = ||x||,  y = R (x / n)                   tl.dot of the row block with R^T, chunked over d (BLOCK_K)
+    s = 2^-e (e: exponent of max |x_j|)         exact power-of-two scale (quantizer.power_of_two_scale, same bits)
+    n = ||s x|| / s,  y = R (s x / ||s x||)     tl.dot of the row block with R^T, chunked over d (BLOCK_K)
     idx_j = #{boundaries < y_j}                 = torch.bucketize(right=False): a tie takes the lower code
     planes, shifts and masks                    each plane packed in registers and stored as one contiguous run of
                                                 its code row (a 4-bit or 2-bit row: the whole row in one store)
     prod: r = y - c[idx], sign(S r) >= 0 -> 1, gamma = ||r||
-    norms: n (or n / ||c[idx]|| with norm correction), gamma, stored into the pool's norm rows
+    norms: n (or n / ||c[idx]|| with norm correction), gamma, stored into the pool's norm rows, n saturated at the
+           norm dtype's largest finite value (never inf); with a counter, the saturated norms are added to it by
+           one atomic per program (read lazily by the pool: no host sync)
 
 The rotation is computed in the plane order of each segment (columns gathered from R^T): tile column piece * UP + j
 is channel start + piece * U + j of the segment's finest plane (U bytes), so codes come out in the order their
@@ -28,7 +31,7 @@ import triton.language as tl
 from .launch_checks import check_index_tensor, check_pool, check_same_device, check_slots
 from .layout import VectorLayout
 from .packed import PackedVectors
-from .quantizer import TurboQuantizer, unpack_plane
+from .quantizer import TurboQuantizer, norm_limit, unpack_plane
 from .triton_common import (
     FLOAT_DTYPES,
     check_launch,
@@ -134,6 +137,7 @@ def _quantize_segment(
     code_row,
     row_mask,
     norm,
+    scale,
     rot_ptr,
     cb_ptr,
     bnd_ptr,
@@ -154,7 +158,7 @@ def _quantize_segment(
     y = tl.zeros([BLOCK_M, SEG.pieces * SEG.up], dtype=tl.float32)
     for k0 in range(0, D_PAD, BLOCK_K):
         x, cols = _load_rows(x_row, row_mask, k0, HEAD_DIM, BLOCK_K)
-        u = x / norm[:, None]
+        u = (x * scale[:, None]) / norm[:, None]
         # rt[i, p] = R[chan(p), k0 + i]: y[p] = sum_i u_i R[chan(p), i], i.e. y = R u in tile order.
         rt_mask = (cols < HEAD_DIM)[:, None] & valid[None, :]
         rt = tl.load(rot_ptr + chan[None, :] * HEAD_DIM + cols[:, None], mask=rt_mask, other=0.0)
@@ -230,8 +234,12 @@ def _quantize_store(
     PRECISION: tl.constexpr,
     QJL_CHUNK: tl.constexpr,
     NORM_CORRECTION: tl.constexpr,
+    sat_ptr,
+    NORM_MAX: tl.constexpr,
+    COUNT: tl.constexpr,
 ):
-    """Quantize the rows x_row (BLOCK_M,) of one of K/V; store code rows at code_row and norms at norm_row."""
+    """Quantize the rows x_row (BLOCK_M,) of one of K/V; store code rows at code_row and norms at norm_row (saturated
+    at NORM_MAX; with COUNT, their number added to sat_ptr[0])."""
     if SPEC.raw:
         for k0 in range(0, D_PAD, BLOCK_K):
             x, cols = _load_rows(x_row, row_mask, k0, HEAD_DIM, BLOCK_K)
@@ -242,24 +250,39 @@ def _quantize_store(
             mask = row_mask[:, None] & (cols < HEAD_DIM)[None, :]
             tl.store(code_row[:, None] + cols[None, :], bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
     else:
+        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, D_PAD, BLOCK_K):
+            x, cols = _load_rows(x_row, row_mask, k0, HEAD_DIM, BLOCK_K)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        # 2^-e, e the exponent of max |x_j| clamped to [-126, 126]: an exact scale under which the squares of huge
+        # (bf16 near its max) and denormal inputs stay in float32 range (quantizer.power_of_two_scale)
+        exponent = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126
+        exponent = tl.minimum(tl.maximum(exponent, -126), 126)
+        scale = ((127 - exponent) << 23).to(tl.float32, bitcast=True)
         sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k0 in range(0, D_PAD, BLOCK_K):
             x, cols = _load_rows(x_row, row_mask, k0, HEAD_DIM, BLOCK_K)
-            sum_sq += tl.sum(x * x, axis=1)
-        norm = tl.sqrt(sum_sq)
-        safe_norm = tl.maximum(norm, 1e-30)
+            xs = x * scale[:, None]
+            sum_sq += tl.sum(xs * xs, axis=1)
+        norm_s = tl.sqrt(sum_sq)
+        safe_norm = tl.maximum(norm_s, 1e-30)
         c_sq, residual = _quantize_segment(
-            x_row, code_row, row_mask, safe_norm, rot_ptr, cb_ptr, bnd_ptr, SPEC, 0, HEAD_DIM, D_PAD, BLOCK_M,
-            BLOCK_K, PRECISION,
+            x_row, code_row, row_mask, safe_norm, scale, rot_ptr, cb_ptr, bnd_ptr, SPEC, 0, HEAD_DIM, D_PAD,
+            BLOCK_M, BLOCK_K, PRECISION,
         )  # fmt: skip
         if SPEC.nseg == 2:
             c_sq1, _ = _quantize_segment(
-                x_row, code_row, row_mask, safe_norm, rot_ptr, cb_ptr, bnd_ptr, SPEC, 1, HEAD_DIM, D_PAD,
+                x_row, code_row, row_mask, safe_norm, scale, rot_ptr, cb_ptr, bnd_ptr, SPEC, 1, HEAD_DIM, D_PAD,
                 BLOCK_M, BLOCK_K, PRECISION,
             )  # fmt: skip
             c_sq += c_sq1
+        norm = norm_s / scale  # inf beyond float32: saturated below
         if NORM_CORRECTION:
             norm = norm / tl.maximum(tl.sqrt(c_sq), 1e-30)
+        if COUNT:
+            over = tl.sum(((norm > NORM_MAX) & row_mask).to(tl.int64), axis=0)
+            tl.atomic_add(sat_ptr, over, mask=over > 0)
+        norm = tl.minimum(norm, NORM_MAX)
         tl.store(norm_row, norm.to(norm_row.dtype.element_ty), mask=row_mask)
         if SPEC.prod:
             _store_qjl(code_row, row_mask, residual, qjl_ptr, SPEC, HEAD_DIM, BLOCK_M, PRECISION, QJL_CHUNK)
@@ -284,6 +307,7 @@ def _write_kv_kernel(
     v_qjl_ptr,
     v_cb_ptr,
     v_bnd_ptr,
+    sat_ptr,
     num_rows,
     num_heads,
     stride_k_t,
@@ -308,6 +332,9 @@ def _write_kv_kernel(
     QJL_CHUNK: tl.constexpr,
     K_NORM_CORRECTION: tl.constexpr,
     V_NORM_CORRECTION: tl.constexpr,
+    K_NORM_MAX: tl.constexpr,
+    V_NORM_MAX: tl.constexpr,
+    COUNT: tl.constexpr,
 ):
     """One program: BLOCK_M rows of the flattened (token, kv_head) grid, K then V."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -318,12 +345,12 @@ def _write_kv_kernel(
     _quantize_store(
         k_ptr + tok * stride_k_t + head * stride_k_h, k_codes_ptr + slot * stride_kc_s + head * stride_kc_h,
         k_norms_ptr + slot * stride_kn_s + head * stride_kn_h, row_mask, k_rot_ptr, k_qjl_ptr, k_cb_ptr, k_bnd_ptr,
-        K, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_K, PRECISION, QJL_CHUNK, K_NORM_CORRECTION,
+        K, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_K, PRECISION, QJL_CHUNK, K_NORM_CORRECTION, sat_ptr, K_NORM_MAX, COUNT,
     )  # fmt: skip
     _quantize_store(
         v_ptr + tok * stride_v_t + head * stride_v_h, v_codes_ptr + slot * stride_vc_s + head * stride_vc_h,
         v_norms_ptr + slot * stride_vn_s + head * stride_vn_h, row_mask, v_rot_ptr, v_qjl_ptr, v_cb_ptr, v_bnd_ptr,
-        V, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_K, PRECISION, QJL_CHUNK, V_NORM_CORRECTION,
+        V, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_K, PRECISION, QJL_CHUNK, V_NORM_CORRECTION, sat_ptr, V_NORM_MAX, COUNT,
     )  # fmt: skip
 
 
@@ -355,13 +382,15 @@ def write_kv_triton(
     num_stages: int = 1,
     dot_precision: str = "ieee",
     check_indices: bool = True,
+    saturated: torch.Tensor | None = None,
 ) -> None:
     """Quantize k, v (tokens, kv_heads, head_dim) and store them at pool slots out_cache_loc (tokens,), in place.
 
-    Same semantics as reference.write_kv. dot_precision "ieee" keeps the rotation an exact float32 sum ("tf32" would
-    move many codes across boundaries; "tf32x3" stays within the flip budget on tensor cores). check_indices=False
-    skips the range check of out_cache_loc (a device sync), e.g. under CUDA-graph capture; the caller then
-    guarantees the slots are in range.
+    Same semantics as reference.write_kv, saturated norms included (`saturated`: an int64 tensor on the pool's
+    device whose first element counts them, by atomics: no host sync). dot_precision "ieee" keeps the rotation an
+    exact float32 sum ("tf32" would move many codes across boundaries; "tf32x3" stays within the flip budget on
+    tensor cores). check_indices=False skips the range check of out_cache_loc (a device sync), e.g. under CUDA-graph
+    capture; the caller then guarantees the slots are in range.
     """
     k_lay, v_lay = k_quantizer.layout, v_quantizer.layout
     if k_lay.head_dim != v_lay.head_dim:
@@ -388,6 +417,7 @@ def write_kv_triton(
     _write_kv_kernel[(triton.cdiv(num_rows, block_m),)](
         k, v, out_cache_loc, kc, kn, vc, vn,
         kt.rotation, kt.qjl, kt.codebook, kt.boundaries, vt.rotation, vt.qjl, vt.codebook, vt.boundaries,
+        out_cache_loc if saturated is None else saturated,
         num_rows, k.shape[1], k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kc.stride(0), kc.stride(1), kn.stride(0), kn.stride(1), vc.stride(0), vc.stride(1), vn.stride(0), vn.stride(1),
         K=k_spec,
@@ -400,6 +430,9 @@ def write_kv_triton(
         QJL_CHUNK=_QJL_CHUNK,
         K_NORM_CORRECTION=k_quantizer.norm_correction,
         V_NORM_CORRECTION=v_quantizer.norm_correction,
+        K_NORM_MAX=norm_limit(k_quantizer.norm_dtype),
+        V_NORM_MAX=norm_limit(v_quantizer.norm_dtype),
+        COUNT=saturated is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip

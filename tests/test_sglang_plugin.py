@@ -6,6 +6,7 @@ around the plug-in's hook, for several configs in one process.
 """
 
 import json
+import logging
 from types import SimpleNamespace
 from unittest import mock
 
@@ -334,6 +335,24 @@ def test_pool_write_quantizes_into_exactly_the_given_slots():
     assert not pool.k_buffer[1][others].any() and not pool.v_buffer[1][others].any()
     assert not pool.k_norm_buffer[1][others].any()
     assert not pool.k_buffer[0].any() and not pool.k_norm_buffer[0].any()  # layer 0 untouched
+
+
+def test_pool_saturates_norms_beyond_float16_counts_them_and_warns_once_per_layer(caplog):
+    """A K norm of 1e6 (outlier coordinates of 1e5) is stored at float16's max, never inf; the pool counts it per
+    layer and logs one line naming the layer and --kv-norm-dtype float32."""
+    pool, _ = make_pool()
+    k, v = torch.randn(3, HKV, D), torch.randn(3, HKV, D)
+    k[1, 0, 7] = 1e5
+    k[2, 1] *= 1e6
+    with caplog.at_level(logging.WARNING, logger="tq_serve.sglang_plugin.pool"):
+        pool.set_kv_buffer(SimpleNamespace(layer_id=1), torch.tensor([5, 6, 7]), k, v)
+        pool.set_kv_buffer(SimpleNamespace(layer_id=1), torch.tensor([8, 9, 10]), k, v)
+    assert torch.isfinite(pool.k_norm_buffer[1].float()).all()
+    assert pool.k_norm_buffer[1][6, 0, 0] == torch.finfo(torch.float16).max
+    assert pool.norm_saturated.tolist() == [0, 4]
+    assert pool.check_norm_saturation() == {1: 4}
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "layer 1" in lines[0] and "--kv-norm-dtype float32" in lines[0]
 
 
 # -- the attention backend on hand-made batches ---------------------------------------------------------------------

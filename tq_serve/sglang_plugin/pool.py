@@ -22,10 +22,17 @@ slot indices only, so they work on this pool unchanged, and freeing a slot needs
 
 Writes quantize: set_kv_buffer(layer, loc, k, v) packs k, v (tokens, kv_heads, head_dim) into slots loc. Reads are
 the attention backend's, on the packed records (get_key_buffer returns the uint8 tensor, never a bf16 view).
+
+Norms beyond the norm dtype's range (float16 by default: 65504; real models have K/V coordinates of 1e4-1e5) are
+stored saturated, never as inf, and counted per layer in `norm_saturated`, an int64 tensor on the pool's device that
+the write kernels add to (no host sync per write). The pool reads it lazily (every write on a CPU, every
+SATURATION_CHECK_EVERY writes on a GPU, never inside a CUDA-graph capture) and logs one warning line per layer the
+first time it saturates, naming `--kv-norm-dtype float32`, which holds such norms.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import ClassVar
 
 import torch
@@ -39,6 +46,11 @@ from tq_serve.kernels.quantizer import TurboQuantizer, get_quantizer
 
 from .config import TurboQuantConfig
 from .ops import LayerOps, layer_ops
+
+logger = logging.getLogger(__name__)
+
+# set_kv_buffer calls between two reads of the saturation counters on a GPU (each read is a device sync).
+SATURATION_CHECK_EVERY = 4096
 
 
 class TurboQuantKVPool(MHATokenToKVPool):
@@ -104,6 +116,10 @@ class TurboQuantKVPool(MHATokenToKVPool):
         super().__init__(size, page_size, dtype, head_num, head_dim, layer_num, device, enable_memory_saver, **kwargs)
         if self.use_hnd:
             raise NotImplementedError("TurboQuant needs the NHD slot-row layout: unset SGLANG_USE_HND_KVCACHE")
+        # Norms stored saturated, per local layer (K and V together): added to by the writes, read lazily.
+        self.norm_saturated = torch.zeros(layer_num, dtype=torch.int64, device=self.device)
+        self._saturation_warned: set[int] = set()
+        self._writes_since_check = 0
         metrics.publish_layout(layout, size, self.start_layer)
 
     def _create_buffers(self) -> None:
@@ -199,4 +215,37 @@ class TurboQuantKVPool(MHATokenToKVPool):
             loc,
             self.k_quantizers[local],
             self.v_quantizers[local],
+            saturated=self.norm_saturated[local : local + 1],
         )
+        self._writes_since_check += 1
+        if self.norm_saturated.device.type == "cpu" or self._writes_since_check >= SATURATION_CHECK_EVERY:
+            self.check_norm_saturation()
+
+    def check_norm_saturation(self) -> dict[int, int]:
+        """Read the saturation counters (one device sync on a GPU; skipped inside a CUDA-graph capture) and log one
+        warning line for each layer that saturated a norm for the first time. Returns {model layer: count} of the
+        layers with saturated norms so far."""
+        if self.norm_saturated.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return {}
+        self._writes_since_check = 0
+        counts = {self.start_layer + i: n for i, n in enumerate(self.norm_saturated.tolist()) if n}
+        for layer_id, count in counts.items():
+            if layer_id in self._saturation_warned:
+                continue
+            self._saturation_warned.add(layer_id)
+            kq, vq = self.quantizers(layer_id)
+            dtypes = {kq.layout.norm_dtype, vq.layout.norm_dtype}
+            hint = (
+                "restart with --kv-norm-dtype float32 to hold them exactly"
+                if dtypes != {"float32"}
+                else "they exceed even float32's range"
+            )
+            logger.warning(
+                "TurboQuant layer %d: %d K/V norm(s) beyond the %s norm range were stored saturated at its largest "
+                "finite value (attention stays finite, those vectors are shortened); %s",
+                layer_id,
+                count,
+                "/".join(sorted(dtypes)),
+                hint,
+            )
+        return counts
