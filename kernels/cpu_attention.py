@@ -11,6 +11,10 @@ or one tile of 64 keys (extend) into L1-sized buffers:
     score   s_i = sm_scale * (n_i c_i . qs [+ n_i gamma_i c_d s_i . qs_qjl])    c_i: centroids by byte tables
     output  out = (sum_i p_i y_i / sum_i p_i) @ W_v    y_i = (n_i c_i [, n_i gamma_i c_d s_i]), online softmax (fp32)
 
+Sliding window (sliding_window_size W, the reference's semantics): a decode starts at its window (its last W + 1
+keys), an extend block at the key tile of its first row's window start, each row masked to its own window; keys
+outside every window are never read (csrc/cpu_attention.cpp).
+
 Everything after q.float() is the kernel's own fixed-order arithmetic, including both basis changes
 (csrc/cpu_attention.cpp explains the order), so a request's output is bitwise the same alone or in a batch, with its
 prefix cached or computed, and on any number of threads.

@@ -17,7 +17,10 @@ packed data), different schedule. A CPU step spends its time in unpacking and in
   (tests/test_prefix_invariance.py), and a padded block broke that on tq-tiny. Unit tests check all of this bitwise.
 
 Only the slots a batch names are read (never the pool), so the cost follows the batch's tokens, not the pool size.
-Requests are grouped so that one group's unpacked K/V stay under `max_elements` floats.
+Requests are grouped so that one group's unpacked K/V stay under `max_elements` floats. With a sliding window W
+(sliding_window_size, reference.py), a request's slots before its first query's window start are neither gathered
+nor decoded; an extend block attends to the keys from its own window start (a function of the block's position
+only, so the bitwise invariance above holds), masked per row.
 """
 
 from __future__ import annotations
