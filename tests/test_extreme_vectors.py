@@ -45,6 +45,15 @@ def extreme_kv(bf16_max: bool = True, seed: int = 0) -> tuple[torch.Tensor, torc
     return k, v
 
 
+def _device() -> torch.device:
+    """Where the Triton kernels run: the GPU if there is one, else the CPU under the interpreter (conftest.py)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _to(x, device):
+    return x.to(device) if isinstance(x, (torch.Tensor, PackedVectors)) else x
+
+
 def _quantizers(norm_dtype: str, bits=(4, 3)):
     return tuple(get_quantizer(VectorLayout(head_dim=D, bits=b, norm_dtype=norm_dtype)) for b in bits)
 
@@ -55,7 +64,10 @@ def _write(k, v, kq, vq, triton: bool):
     if triton:
         from tq_serve.kernels.triton_write import write_kv_triton
 
-        write_kv_triton(k_pool, v_pool, k, v, torch.arange(TOKENS), kq, vq, saturated=saturated)
+        dev = _device()
+        pools, counter = (k_pool.to(dev), v_pool.to(dev)), saturated.to(dev)
+        write_kv_triton(*pools, k.to(dev), v.to(dev), torch.arange(TOKENS, device=dev), kq, vq, saturated=counter)
+        (k_pool, v_pool), saturated = (p.to("cpu") for p in pools), counter.cpu()
     else:
         reference.write_kv(k_pool, v_pool, k, v, torch.arange(TOKENS), kq, vq, saturated=saturated)
     return k_pool, v_pool, int(saturated)
@@ -144,13 +156,15 @@ def _extend_paths():
 def _triton_decode(*args, **kwargs):
     from tq_serve.kernels.triton_decode import decode_attention_triton
 
-    return decode_attention_triton(*args, dot_precision="ieee", block_n=16, num_kv_splits=2, **kwargs)
+    args = [_to(a, _device()) for a in args]
+    return decode_attention_triton(*args, dot_precision="ieee", block_n=16, num_kv_splits=2, **kwargs).cpu()
 
 
 def _triton_extend(*args, **kwargs):
     from tq_serve.kernels.triton_extend import extend_attention_triton
 
-    return extend_attention_triton(*args, dot_precision="ieee", block_m=16, block_n=16, **kwargs)
+    args = [_to(a, _device()) for a in args]
+    return extend_attention_triton(*args, dot_precision="ieee", block_m=16, block_n=16, **kwargs).cpu()
 
 
 # decode: request 0 reads every token, request 1 the extremes only; extend: request 0 has 8 cached + 12 new tokens,
