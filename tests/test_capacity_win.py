@@ -74,3 +74,16 @@ def test_capacity_win_runs_bf16_and_a_packed_pool_at_one_budget(tmp_path, capsys
         assert row["completed"] == 16 and row["failed"] == 0
         assert 0 <= row["hit_rate"] <= 1 and row["ttft_p50_ms"] > 0
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_replica_rows_are_compared_with_the_single_bf16_engine_at_their_budget():
+    rows = [
+        {"setting": "bf16", "router": None, "kv_mib": 9.4, "hit_rate": 0.25, "ttft_p50_ms": 400.0},
+        {"setting": "tq4-mse", "router": None, "kv_mib": 9.4, "hit_rate": 0.75, "ttft_p50_ms": 100.0},
+        {"setting": "tq4-mse", "router": "affinity", "kv_mib": 9.4, "hit_rate": 0.5, "ttft_p50_ms": 200.0},
+        {"setting": "tq4-mse", "router": None, "kv_mib": 18.8, "hit_rate": 0.8, "ttft_p50_ms": 90.0},
+    ]
+    capacity_win.compare_with_bf16(rows)
+    assert [r["hit_rate_vs_bf16"] for r in rows[:3]] == [1.0, 3.0, 2.0]
+    assert [r["ttft_p50_vs_bf16"] for r in rows[:3]] == [1.0, 0.25, 0.5]
+    assert rows[3]["hit_rate_vs_bf16"] is None and rows[3]["ttft_p50_vs_bf16"] is None  # no bf16 run at 18.8 MiB

@@ -216,24 +216,34 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def compare_with_bf16(rows: list[dict]) -> None:
+    """Each row's hit rate and TTFT p50 as ratios to bf16's single engine at the same KV memory (replica runs
+    included: they have no bf16 run of their own); None where that bf16 row is missing or zero."""
+    bf16 = {r["kv_mib"]: r for r in rows if r["setting"] == BF16.name and r["router"] is None}
+    for row in rows:
+        peer = bf16.get(row["kv_mib"])
+        for key, ratio in (("hit_rate", "hit_rate_vs_bf16"), ("ttft_p50_ms", "ttft_p50_vs_bf16")):
+            row[ratio] = row[key] / peer[key] if peer and peer[key] else None
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m tq_serve.bench capacity-win", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tq-tiny", help="alias from configs/models.yaml or a model directory")
     parser.add_argument("--model-path", type=Path, help="local weights for the alias")
     parser.add_argument(
-        "--bf16-pool-tokens", type=int, nargs="+", default=[1500, 3000],
+        "--bf16-pool-tokens", type=int, nargs="+", default=[1200, 2400],
         help="KV budgets, each given as the tokens a bf16 pool of that many bytes holds",
     )  # fmt: skip
     parser.add_argument("--bits", nargs="+", default=["4", "3", "2.5"], help="TurboQuant settings (mse)")
     parser.add_argument("--schedules", nargs="*", default=["tq-tiny-3.0"], help="bit schedules (configs/schedules/)")
     parser.add_argument("--users", type=int, default=8, help="concurrent conversations")
-    parser.add_argument("--requests", type=int, default=64, help="requests per setting and budget")
+    parser.add_argument("--requests", type=int, default=96, help="requests per setting and budget")
     parser.add_argument("--documents", type=int, default=16)
-    parser.add_argument("--document-tokens", type=int, default=256)
-    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--document-tokens", type=int, default=300)
+    parser.add_argument("--turns", type=int, default=2)
     parser.add_argument("--question-tokens", type=int, default=24)
     parser.add_argument("--output-tokens", type=int, default=8)
-    parser.add_argument("--zipf", type=float, default=1.1)
+    parser.add_argument("--zipf", type=float, default=0.6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--probes", type=int, default=8, help="greedy probes compared with bf16")
     parser.add_argument(
@@ -256,6 +266,15 @@ def main(argv: list[str]) -> int:
     probes = probe_prompts(args.probes)
     load_before = os.getloadavg()
     rows = []
+
+    def save() -> dict:
+        # Written after every row, so an hour of runs survives a failure late in the list.
+        compare_with_bf16(rows)
+        config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("json", "out")}
+        # A busy machine slows every setting; the load average says how busy it was (1, 5, 15 minutes).
+        config |= {"load_average_before": load_before, "load_average_after": os.getloadavg()}
+        return write_report(args.out, "capacity-win", config | {"shape": vars(shape)}, rows)
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         try:
@@ -272,22 +291,12 @@ def main(argv: list[str]) -> int:
                         row |= {"kv_mib": budget / 2**20, "bytes_per_token": cells[setting.name]}
                         row |= agreement(completions, reference)
                         rows.append(row)
+                        save()
                         print(table([row], COLUMNS), flush=True)
         except RuntimeError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
-    for row in rows:
-        bf16 = next(
-            r
-            for r in rows
-            if r["setting"] == BF16.name and r["kv_mib"] == row["kv_mib"] and r["router"] == row["router"]
-        )
-        row["hit_rate_vs_bf16"] = row["hit_rate"] / bf16["hit_rate"] if bf16["hit_rate"] else None
-        row["ttft_p50_vs_bf16"] = row["ttft_p50_ms"] / bf16["ttft_p50_ms"] if bf16["ttft_p50_ms"] else None
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("json", "out")}
-    # A busy machine slows every setting; the load average says how busy it was (1, 5, 15 minutes).
-    config |= {"load_average_before": load_before, "load_average_after": os.getloadavg()}
-    report = write_report(args.out, "capacity-win", config | {"shape": vars(shape)}, rows)
+    report = save()
     plot(rows, args.out.with_suffix(".png"))
     print(json.dumps(report, indent=1) if args.json else table(rows, COLUMNS))
     return 0
