@@ -134,3 +134,25 @@ def test_every_flag_in_the_readmes_flag_table_exists():
     tabled = re.findall(r"^\| `--([a-z-]+)` \|", README.read_text(), flags=re.M)
     assert len(tabled) >= 10  # the KV-cache flags
     assert set(tabled) <= {name.replace("_", "-") for name in ServeSettings.model_fields}
+
+
+@pytest.mark.parametrize(
+    "passthrough, fragment",
+    [
+        (["--sglang-arg=--schedule-polcy=lpm"], "unknown SGLang server argument --schedule-polcy=lpm"),
+        (["--", "--max-prefill-tokens", "many"], "argument --max-prefill-tokens"),
+        (["--", "--port", "5"], "--port is set by tq_serve"),
+        (["--", "--kv-cache-dtype", "fp8_e5m2"], "--kv-cache-dtype is set by tq_serve"),
+    ],
+)
+def test_a_wrong_pass_through_argument_exits_2_naming_it(capsys, model_dir, passthrough, fragment):
+    code, _, err = run_main(capsys, "--model", str(model_dir), "--device", "cpu", "--dry-run", *passthrough)
+    assert code == EXIT_BAD_INPUT
+    assert_one_error_line(err, fragment)
+
+
+def test_pass_through_arguments_reach_sglangs_server_args(capsys, model_dir):
+    code, out, _ = run_main(
+        capsys, "--model", str(model_dir), "--device", "cpu", "--dry-run", "--", "--schedule-policy", "lpm"
+    )
+    assert code == 0 and 'sglang_server_args: {"schedule_policy": "lpm"}' in out

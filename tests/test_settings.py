@@ -246,3 +246,73 @@ def test_a_schedule_that_names_its_variant_overrides_kv_variant(model_dir, tmp_p
 def test_triton_interpreter_needs_a_cpu(model_dir):
     with pytest.raises(ValueError, match="--triton-interpreter runs the Triton kernels on a CPU"):
         resolve(settings("--model", str(model_dir), "--device", "cuda", "--triton-interpreter"))
+
+
+# -- SGLang's own options: first-class flags, variables and preset keys; the pass-through ----------------------------
+
+SGLANG_OPTIONS = [
+    (["--context-length", "8192"], ("CONTEXT_LENGTH", "8192"), "context_length", 8192),
+    (["--tp-size", "2"], ("TP_SIZE", "2"), "tp_size", 2),
+    (["--chunked-prefill-size", "512"], ("CHUNKED_PREFILL_SIZE", "512"), "chunked_prefill_size", 512),
+    (["--served-model-name", "coder"], ("SERVED_MODEL_NAME", "coder"), "served_model_name", "coder"),
+]
+
+
+@pytest.mark.parametrize("flags, env, field, expected", SGLANG_OPTIONS, ids=[o[0][0] for o in SGLANG_OPTIONS])
+def test_sglang_options_are_flags_variables_and_preset_keys(
+    model_dir, tmp_path, monkeypatch, flags, env, field, expected
+):
+    by_flag = resolve_cpu(model_dir, *flags)
+    (tmp_path / "p.yaml").write_text(f"{env[0].lower()}: {env[1]}\n")
+    by_preset = resolve_cpu(model_dir, "--config", str(tmp_path / "p.yaml"))
+    monkeypatch.setenv(f"TQ_{env[0]}", env[1])
+    by_variable = resolve_cpu(model_dir)
+    assert getattr(by_flag, field) == getattr(by_preset, field) == getattr(by_variable, field) == expected
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--context-length", "8"], ["--tp-size", "0"], ["--chunked-prefill-size", "0"], ["--chunked-prefill-size", "-2"]],
+)
+def test_sglang_options_are_validated(flags):
+    with pytest.raises(ValidationError):
+        settings(*flags)
+
+
+def test_served_model_name_defaults_to_the_model(model_dir):
+    assert resolve_cpu(model_dir).served_model_name == str(model_dir)
+    assert resolve_cpu(model_dir, "--served-model-name", "x").summary()["served_model_name"] == "x"
+
+
+def test_pass_through_arguments_repeat_or_follow_a_double_dash(model_dir, tmp_path, monkeypatch):
+    s = settings("--sglang-arg=--schedule-policy=lpm", "--sglang-arg=--random-seed=3", "--", "--stream-interval", "2")
+    assert s.sglang_arg == ["--schedule-policy=lpm", "--random-seed=3", "--stream-interval", "2"]
+    assert resolve_cpu(model_dir, "--", "--random-seed", "3").sglang_args == ("--random-seed", "3")
+    (tmp_path / "p.yaml").write_text("sglang_arg: ['--random-seed=4']\n")
+    assert settings("--config", str(tmp_path / "p.yaml")).sglang_arg == ["--random-seed=4"]
+    monkeypatch.setenv("TQ_SGLANG_ARG", '["--random-seed=5"]')
+    assert settings().sglang_arg == ["--random-seed=5"]
+
+
+def test_context_beyond_the_models_config_is_an_override(model_dir):
+    (model_dir / "config.json").write_text(json.dumps({**TINY, "max_position_embeddings": 1024}))
+    assert not resolve_cpu(model_dir, "--context-length", "1024").context_override
+    assert resolve_cpu(model_dir, "--context-length", "8192").context_override
+
+
+def test_boundary_layers_keep_the_first_and_last_layers_raw(model_dir):
+    cfg = resolve_cpu(model_dir, "--kv-bits", "3", "--kv-boundary-layers", "1")
+    assert cfg.kv_layout.layer_bits == ((16, 16), (3, 3), (3, 3), (16, 16))
+    assert cfg.kv_cache.schedule.name == "boundary1-3"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--kv-boundary-layers", "2"], "leaving none at --kv-bits"),
+        (["--kv-boundary-layers", "1", "--kv-schedule", "x.yaml"], "drop one of them"),
+    ],
+)
+def test_boundary_layers_that_do_not_fit_are_refused(model_dir, flags, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_cpu(model_dir, *flags)

@@ -37,11 +37,18 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     from tq_serve import server  # imports torch (via the plug-in's config): not needed for --help or bad input
 
+    try:
+        overrides = server.sglang_overrides(cfg)  # SGLang's own parser, only when there are pass-through arguments
+    except ValueError as err:
+        print(f"tq_serve: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     summary = cfg.summary() | {"attention_backend": server.attention_backend(cfg)}
     if settings.dry_run:
         # The environment entries too: exactly what SGLang's processes would inherit, and the plug-in deserialise.
         lines = summary | {"sglang_environment": server.sglang_environment(cfg)}
-        print("\n".join(f"{key}: {json.dumps(value)}" for key, value in lines.items()))
+        if overrides:
+            lines["sglang_server_args"] = overrides  # the pass-through arguments as SGLang parsed them
+        print("\n".join(f"{key}: {json.dumps(value, default=str)}" for key, value in lines.items()))
         return 0
     try:
         server.preflight(cfg)
@@ -54,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve_replicas(settings, cfg)
     print(f"tq_serve: starting {json.dumps(summary)}", file=sys.stderr, flush=True)
     try:
-        server.launch(cfg)
+        server.launch(cfg, overrides)
     except server.PreflightError as err:
         print(f"tq_serve: error: {err}", file=sys.stderr)
         return EXIT_CANNOT_START

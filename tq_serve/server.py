@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 from tq_serve.kv_config import ENV_VAR
 from tq_serve.settings import ServeConfig
@@ -19,6 +20,7 @@ from tq_serve.sglang_plugin.config import BACKEND_NAME
 # SGLang's own bf16 attention per device: torch_native is its portable CPU path (intel_amx needs sgl_kernel's CPU
 # build); on CUDA, None lets SGLang pick its default (flashinfer / fa3 / triton by GPU).
 BF16_BACKENDS = {"cpu": "torch_native", "cuda": None}
+LONGER_CONTEXT_VAR = "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"
 
 
 class PreflightError(RuntimeError):
@@ -60,13 +62,39 @@ def attention_backend(cfg: ServeConfig) -> str | None:
     return BACKEND_NAME if cfg.kv_cache is not None else BF16_BACKENDS[cfg.device]
 
 
-def server_args(cfg: ServeConfig):
-    """SGLang's ServerArgs for this config (imports sglang: call after `prepare_environment`)."""
+def sglang_overrides(cfg: ServeConfig) -> dict:
+    """The pass-through SGLang arguments as ServerArgs keywords, checked (tq_serve.sglang_args; imports sglang when
+    there are any). A ValueError names a bad one."""
+    from tq_serve.sglang_args import parse_sglang_args
+
+    if cfg.sglang_args and cfg.device == "cpu":
+        from tq_serve.cpu_support import apply_cpu_support
+
+        apply_cpu_support()  # before anything imports sglang
+    return parse_sglang_args(cfg.sglang_args, turboquant=cfg.kv_cache is not None)
+
+
+def server_args(cfg: ServeConfig, overrides: dict | None = None):
+    """SGLang's ServerArgs for this config (imports sglang: call after `prepare_environment`).
+
+    With the TurboQuant cache, SGLang's hybrid sliding-window pool (a second, SWA-only pool that some models get) is
+    turned off: the packed pool is one full pool of every layer, whose capacity the plug-in computes from the layout,
+    and sliding-window layers read their window from it (docs/ARCHITECTURE.md section 4)."""
     from sglang.srt.server_args import ServerArgs
 
+    overrides = sglang_overrides(cfg) if overrides is None else overrides
+    optional = {
+        "context_length": cfg.context_length,
+        "chunked_prefill_size": cfg.chunked_prefill_size,
+    }
+    if cfg.kv_cache is not None:
+        optional["disable_hybrid_swa_memory"] = True
     return ServerArgs(
+        **overrides,
+        **{k: v for k, v in optional.items() if v is not None},
+        tp_size=cfg.tp_size,
         model_path=str(cfg.model.path),
-        served_model_name=cfg.model.name,
+        served_model_name=cfg.served_model_name,
         host=cfg.host,
         port=cfg.port,
         api_key=cfg.api_key,
@@ -88,6 +116,16 @@ def prepare_environment(cfg: ServeConfig) -> None:
         from tq_serve.cpu_support import apply_cpu_support
 
         apply_cpu_support()
+    if cfg.context_override:
+        # SGLang refuses a context above the model's config unless this is set (ModelConfig._derive_context_length).
+        os.environ[LONGER_CONTEXT_VAR] = "1"
+        print(
+            f"tq_serve: warning: --context-length {cfg.context_length} exceeds the {cfg.model.context_length} tokens "
+            f"of {cfg.model.name}'s config: positions beyond it were never trained, so output quality there is not "
+            f"known ({LONGER_CONTEXT_VAR}=1 is set for SGLang)",
+            file=sys.stderr,
+            flush=True,
+        )
     for name, value in sglang_environment(cfg).items():
         if value is None:
             os.environ.pop(name, None)  # a stale config in the caller's environment must not reach SGLang
@@ -95,8 +133,10 @@ def prepare_environment(cfg: ServeConfig) -> None:
             os.environ[name] = value
 
 
-def launch(cfg: ServeConfig) -> None:
-    """Run the server in this process until it is stopped (SGLang's scheduler runs in child processes)."""
+def launch(cfg: ServeConfig, overrides: dict | None = None) -> None:
+    """Run the server in this process until it is stopped (SGLang's scheduler runs in child processes).
+
+    `overrides`: the pass-through arguments as checked by `sglang_overrides` (checked here when None)."""
     prepare_environment(cfg)
     from sglang.launch_server import run_server
     from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES
@@ -110,7 +150,7 @@ def launch(cfg: ServeConfig) -> None:
         )
     check_model_names(cfg)
     try:
-        run_server(server_args(cfg))
+        run_server(server_args(cfg, overrides))
     finally:
         kill_process_tree(os.getpid(), include_parent=False)
 
@@ -121,4 +161,4 @@ def check_model_names(cfg: ServeConfig) -> None:
 
     from tq_serve.model_name_check import ModelNameCheck
 
-    app.add_middleware(ModelNameCheck, served_model_name=cfg.model.name)
+    app.add_middleware(ModelNameCheck, served_model_name=cfg.served_model_name)

@@ -103,6 +103,20 @@ class ServeSettings(BaseSettings):
     """Fraction of device memory for weights and KV cache; default: SGLang's choice."""
     max_running_requests: int | None = Field(None, ge=1)
     """Most requests decoded together; default: SGLang's choice."""
+    context_length: int | None = Field(None, ge=16)
+    """Longest prompt + output in tokens; default: the model's config. Above it, SGLang's override is set
+    (SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1) and a warning says the model was not trained there."""
+    tp_size: int = Field(1, ge=1)
+    """Tensor-parallel size: GPUs one engine spreads over (each holds its share of the KV heads)."""
+    chunked_prefill_size: int | None = Field(None, ge=-1)
+    """Prompt tokens prefilled per step (-1: no chunking); default: SGLang's choice."""
+    served_model_name: str | None = None
+    """The model name the OpenAI API reports and accepts; default: the --model alias or directory."""
+    sglang_arg: list[str] = []
+    """Any other SGLang server argument, passed through: repeat it, one argument each with `=`
+    (`--sglang-arg=--schedule-policy=lpm`), or put them after `--`. Checked against SGLang's own parser first."""
+    kv_boundary_layers: int = Field(0, ge=0)
+    """Keep the first and the last N layers' K/V raw (16-bit) inside the TurboQuant cache, the others at --kv-bits."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the server."""
     enable_metrics: bool = False
@@ -152,13 +166,33 @@ class ServeSettings(BaseSettings):
         # The CLI source goes in front of these; init kwargs carry the YAML preset, so they rank below TQ_* vars.
         return env_settings, init_settings
 
+    @field_validator("chunked_prefill_size")
+    @classmethod
+    def _chunk(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("must be -1 (no chunking) or a positive number of tokens")
+        return value
+
 
 def load_settings(argv: list[str]) -> ServeSettings:
-    """Parse flags and TQ_* variables; when they name a preset or config file, parse again on top of its values."""
+    """Parse flags and TQ_* variables; when they name a preset or config file, parse again on top of its values.
+
+    Everything after a bare `--` is SGLang server arguments, appended to --sglang-arg."""
+    argv, passthrough = _split_passthrough(argv)
     first = ServeSettings(_cli_parse_args=argv)
-    if first.preset is None and first.config is None:
-        return first
-    return ServeSettings(_cli_parse_args=argv, **_preset_values(first.preset, first.config))
+    settings = first
+    if first.preset is not None or first.config is not None:
+        settings = ServeSettings(_cli_parse_args=argv, **_preset_values(first.preset, first.config))
+    if passthrough:
+        settings = settings.model_copy(update={"sglang_arg": [*settings.sglang_arg, *passthrough]})
+    return settings
+
+
+def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
+    if "--" not in argv:
+        return list(argv), []
+    cut = argv.index("--")
+    return list(argv[:cut]), list(argv[cut + 1 :])
 
 
 def _preset_values(preset: str | None, config: Path | None) -> dict:
@@ -193,6 +227,19 @@ class ServeConfig:
     max_running_requests: int | None
     log_level: str
     enable_metrics: bool = False
+    served_model_name: str = ""
+    """What the OpenAI API calls the model (the alias or directory unless --served-model-name)."""
+    context_length: int | None = None
+    context_override: bool = False
+    """context_length exceeds the model's config: SGLang's override is set and a warning printed."""
+    tp_size: int = 1
+    chunked_prefill_size: int | None = None
+    sglang_args: tuple[str, ...] = ()
+    """Other SGLang server arguments, as given; checked and parsed by tq_serve.sglang_args."""
+
+    def __post_init__(self) -> None:
+        if not self.served_model_name:
+            object.__setattr__(self, "served_model_name", self.model.name)
 
     def summary(self) -> dict:
         kv = {"kv_cache": "bf16"}
@@ -212,6 +259,17 @@ class ServeConfig:
                 "bytes_per_token": layout.bytes_per_token,
                 "bf16_bytes_per_token": layout.bf16_bytes_per_token,
             }
+        extra = {
+            k: v
+            for k, v in {
+                "served_model_name": self.served_model_name if self.served_model_name != self.model.name else None,
+                "context_length": self.context_length,
+                "tp_size": self.tp_size if self.tp_size != 1 else None,
+                "chunked_prefill_size": self.chunked_prefill_size,
+                "sglang_args": list(self.sglang_args) or None,
+            }.items()
+            if v is not None
+        }
         return (
             {"model": self.model.name, "model_path": str(self.model.path), "device": self.device}
             | kv
@@ -219,6 +277,7 @@ class ServeConfig:
                 "url": f"http://{self.host}:{self.port}/v1",
                 "max_total_tokens": self.max_total_tokens,
             }
+            | extra
         )
 
 
@@ -239,7 +298,13 @@ def kv_cache_config(settings: ServeSettings, num_layers: int) -> TurboQuantConfi
         return None
     schedule = None
     if settings.kv_schedule is not None:
+        if settings.kv_boundary_layers:
+            raise ValueError(
+                "--kv-boundary-layers builds a schedule from --kv-bits, and --kv-schedule gives one: drop one of them"
+            )
         schedule = BitSchedule.load(settings.kv_schedule, num_layers=num_layers, variant=settings.kv_variant)
+    elif settings.kv_boundary_layers:
+        schedule = boundary_schedule(num_layers, settings.kv_bits, settings.kv_boundary_layers, settings.kv_variant)
     return TurboQuantConfig(
         kv_bits=None if schedule else settings.kv_bits,
         schedule=schedule,
@@ -253,10 +318,34 @@ def kv_cache_config(settings: ServeSettings, num_layers: int) -> TurboQuantConfi
     )
 
 
+def boundary_schedule(num_layers: int, bits: float, boundary: int, variant: str = "mse") -> BitSchedule:
+    """The first and last `boundary` layers raw (16-bit K and V), every other layer at `bits`."""
+    if 2 * boundary >= num_layers:
+        raise ValueError(
+            f"--kv-boundary-layers {boundary} keeps {min(2 * boundary, num_layers)} of the model's {num_layers} layers "
+            f"raw, leaving none at --kv-bits: use at most {(num_layers - 1) // 2}, or --kv-cache bf16"
+        )
+    return BitSchedule.first_last(
+        num_layers,
+        bits,
+        edge_bits=RAW_BITS,
+        first=boundary,
+        last=boundary,
+        variant=variant,
+        name=f"boundary{boundary}-{bits:g}",
+    )
+
+
 def resolve(settings: ServeSettings, registry: ModelRegistry | None = None) -> ServeConfig:
     """Check the settings against the model; a ValueError names what does not fit and the supported values."""
+    from tq_serve.model_support import refusal, unsupported_model_reason
+
     model = (registry or ModelRegistry.load()).resolve(settings.model, settings.model_path)
     shape = model.shape
+    turboquant = settings.kv_cache != "bf16" and settings.kv_bits != RAW_BITS
+    reason = unsupported_model_reason(model.config) if turboquant else None
+    if reason is not None:
+        raise ValueError(refusal(reason))
     kv_cache = kv_cache_config(settings, shape.num_layers)
     layout = None
     if kv_cache is not None:
@@ -293,4 +382,10 @@ def resolve(settings: ServeSettings, registry: ModelRegistry | None = None) -> S
         max_running_requests=settings.max_running_requests,
         log_level=settings.log_level,
         enable_metrics=settings.enable_metrics,
+        served_model_name=settings.served_model_name or model.name,
+        context_length=settings.context_length,
+        context_override=settings.context_length is not None and settings.context_length > model.context_length,
+        tp_size=settings.tp_size,
+        chunked_prefill_size=settings.chunked_prefill_size,
+        sglang_args=tuple(settings.sglang_arg),
     )

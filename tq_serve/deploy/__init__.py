@@ -59,6 +59,8 @@ def engine_flags(settings: ServeSettings, cfg: ServeConfig) -> list[str]:
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             flags.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, list):
+            flags += [f"{flag}={item}" for item in value]  # with `=`: an item is itself a --flag
         else:
             flags += [flag, str(value.resolve() if isinstance(value, Path) else value)]
     return flags

@@ -22,6 +22,7 @@ from sglang.srt.runtime_context import get_parallel
 
 from tq_serve import metrics
 from tq_serve.kernels.layout import KVLayout
+from tq_serve.model_support import SPECULATIVE_OPTIONS, refusal, unsupported_option_reason
 
 from .config import BACKEND_NAME, TurboQuantConfig
 
@@ -37,17 +38,40 @@ def turboquant_selected(server_args) -> bool:
     return prefill == BACKEND_NAME
 
 
+def unsupported_reason(kvc) -> str | None:
+    """Why the packed pool cannot serve SGLang's KVCacheConfigurator `kvc` (model and options), or None.
+
+    The launcher refuses the same before SGLang starts (tq_serve.model_support); this catches what arrives another
+    way, e.g. an SGLang started by hand with `--attention-backend turboquant`."""
+    model_config = kvc.model_config
+    archs = model_config.hf_config.architectures
+    if kvc.use_mla_backend:
+        return f"{archs} uses multi-head latent attention (MLA): one compressed latent per token, not per-head K/V"
+    if kvc.mambaish_config is not None:
+        return f"{archs} has linear-attention or state-space layers, which keep a recurrent state, not per-token K/V"
+    if kvc.is_hybrid_swa:
+        return (
+            f"{archs} asks for SGLang's hybrid sliding-window pool (two pools); TurboQuant packs one full pool: "
+            "start it with --disable-hybrid-swa-memory"
+        )
+    if getattr(model_config, "is_encoder_decoder", False):
+        return f"{archs} is an encoder-decoder model, whose cross attention reads a second, encoder-side KV cache"
+    if getattr(getattr(model_config, "hf_text_config", None), "cross_attention_layers", None):
+        return f"{archs} has cross-attention layers, which read a second KV cache"
+    server_args = getattr(kvc, "server_args", None)
+    return unsupported_option_reason({name: getattr(server_args, name, None) for name in SPECULATIVE_OPTIONS})
+
+
 def kv_layout_of(kvc, config: TurboQuantConfig) -> KVLayout:
     """The packed layout of the layers this process holds, from SGLang's KVCacheConfigurator `kvc`.
 
-    Refuses the KV-cache families TurboQuant does not pack (MLA, hybrid SWA / linear attention, another KV dtype).
+    Refuses the KV-cache families TurboQuant does not pack (MLA, linear attention, encoder-decoder, cross attention,
+    speculative decoding, SGLang's two-pool hybrid SWA layout, another KV dtype), naming the reason and --kv-cache bf16.
     """
     model_config = kvc.model_config
-    if kvc.use_mla_backend or kvc.is_hybrid_swa or kvc.mambaish_config is not None:
-        raise NotImplementedError(
-            f"attention backend {BACKEND_NAME!r} packs plain MHA/GQA KV caches; {model_config.hf_config.architectures} "
-            "uses MLA, sliding-window or linear-attention layers"
-        )
+    reason = unsupported_reason(kvc)
+    if reason is not None:
+        raise NotImplementedError(refusal(reason))
     if kvc.kv_cache_dtype_str not in (None, "auto"):
         raise ValueError(f"attention backend {BACKEND_NAME!r} sets the KV format itself: drop --kv-cache-dtype")
     if model_config.head_dim != model_config.v_head_dim:
