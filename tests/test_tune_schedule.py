@@ -132,3 +132,17 @@ def test_evaluator_reference_row_and_quantized_rows(model_dir: Path) -> None:
     assert (sixteen.perplexity, sixteen.kl_to_bf16, sixteen.agreement) == (bf16.perplexity, 0, 1.0)
     assert two.perplexity != bf16.perplexity and two.kl_to_bf16 > 0
     assert two.bytes_per_token < bf16.bytes_per_token / 5
+
+
+def test_boundary_layers_are_pinned_raw_and_the_rest_tuned_within_the_budget():
+    from tq_serve.schedule import solve_budget
+    from tq_serve.tune_schedule import pin_boundary_layers
+
+    table = {(2, 2): 4.0, (3, 3): 2.0, (4, 4): 1.0, (16, 16): 0.0}
+    errors = pin_boundary_layers([dict(table) for _ in range(6)], 1)
+    assert errors[0] == errors[5] == {(16, 16): 0.0} and errors[1] == table
+    layer_bits, _ = solve_budget(errors, budget=(16 * 2 + 4 * 3 + 3) / 6)
+    assert layer_bits[0] == layer_bits[5] == (16, 16)
+    assert sorted(layer_bits[1:5]) == [(3, 3), (4, 4), (4, 4), (4, 4)]
+    with pytest.raises(ValueError, match="at least one"):
+        pin_boundary_layers([dict(table) for _ in range(2)], 1)

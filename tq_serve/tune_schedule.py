@@ -294,6 +294,16 @@ def _display(path: Path) -> str:
     return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
 
+def pin_boundary_layers(errors: list[dict[Pair, float]], boundary: int) -> list[dict[Pair, float]]:
+    """The first and last `boundary` layers allowed only raw 16-bit K and V (no error), as vLLM's TurboQuant keeps
+    its boundary layers; the knapsack then spends the rest of the budget on the others."""
+    n = len(errors)
+    if boundary < 0 or 2 * boundary >= n:
+        raise ScheduleError(f"--boundary-layers {boundary}: must leave at least one of the {n} layers to quantize")
+    edge = set(range(boundary)) | set(range(n - boundary, n))
+    return [{(RAW_BITS, RAW_BITS): 0.0} if i in edge else table for i, table in enumerate(errors)]
+
+
 def tune(
     model: str,
     budget: float,
@@ -309,6 +319,7 @@ def tune(
     window: int = DEFAULT_WINDOW,
     max_tokens: int | None = None,
     metric: str = "logits",
+    boundary_layers: int = 0,
     plot: bool = True,
     show_progress: bool = True,
     command: str = "",
@@ -330,8 +341,18 @@ def tune(
         gains = measure_logit_gains(lm, windows, errors, min(bits), show_progress=show_progress, **quantization)
         errors = [{pair: gain * e for pair, e in table.items()} for table, gain in zip(errors, gains, strict=True)]
         provenance["logit_gain"] = [float(f"{g:.4g}") for g in gains]
-    layer_bits, total = solve_budget(errors, budget)
-    uniform = {f"{b:g}": _round(sum(e[b, b] for e in errors)) for b in bits if b <= budget and b != RAW_BITS}
+    solved = errors
+    if boundary_layers:
+        solved = pin_boundary_layers(errors, boundary_layers)
+        # The plot keeps every layer's measured errors, and shows the pinned layers' raw pick at no error.
+        errors = [
+            table if pinned is table else {**table, **pinned} for table, pinned in zip(errors, solved, strict=True)
+        ]
+        provenance["boundary_layers"] = boundary_layers
+    layer_bits, total = solve_budget(solved, budget)
+    uniform = {
+        f"{b:g}": _round(sum(e[b, b] for e in errors if (b, b) in e)) for b in bits if b <= budget and b != RAW_BITS
+    }
     schedule = BitSchedule(
         name=name,
         model=model,
@@ -383,6 +404,13 @@ def main(argv: Sequence[str] | None = None) -> BitSchedule:
         help="logits (default): each layer's relative attention-output error weighted by its measured effect on the "
         "final logits (L more forward passes per window); attention: the relative errors, every layer alike",
     )
+    parser.add_argument(
+        "--boundary-layers",
+        type=int,
+        default=0,
+        help="keep the first and last N layers raw (16-bit K and V) and tune the others within the budget "
+        "(the budget counts the raw layers at 16 bits)",
+    )
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     args = parser.parse_args(argv)
     supported = PROD_BITS if args.variant == "prod" else SCHEDULE_BITS
@@ -406,6 +434,7 @@ def main(argv: Sequence[str] | None = None) -> BitSchedule:
         window=args.window,
         max_tokens=args.max_tokens,
         metric=args.metric,
+        boundary_layers=args.boundary_layers,
         plot=not args.no_plot,
         command=shlex.join(["python", "-m", "tq_serve.tune_schedule", *(sys.argv[1:] if argv is None else argv)]),
     )
