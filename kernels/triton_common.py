@@ -392,6 +392,7 @@ def attend_tile(
     HAS_CAP: tl.constexpr,
     PRECISION: tl.constexpr,
     INTERPRETER: tl.constexpr,
+    GUARD: tl.constexpr,
 ):
     """One step of the online softmax over BLOCK_N packed keys/values (reference.attend_packed's math).
 
@@ -399,7 +400,8 @@ def attend_tile(
     k_row, v_row (BLOCK_N,) code-row pointers, k_norm, v_norm (BLOCK_N,) pointers to each vector's norms,
     n_mask (BLOCK_N,) which keys exist, visible (rows or 1, BLOCK_N) which a row may see. Accumulators stay in the
     rotated domain in V's tile order; the norms scale p (rows x N multiplies), never the value tile. Absent parts'
-    arguments are placeholders and come back untouched.
+    arguments are placeholders and come back untouched. GUARD: a row may have seen no key yet after this tile (a
+    sliding window's first tiles), so its max stays -inf and is shifted by 0 instead (no NaN from -inf + inf).
     """
     EXACT: tl.constexpr = PRECISION != "bf16"
     k = part_values(k_row, n_mask, k_table, K, 0, BLOCK_N, EXACT)
@@ -420,9 +422,10 @@ def attend_tile(
         s = soft_cap(s, logit_cap)
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    # A row that has seen no key yet (a sliding window can start past a tile) keeps m = -inf: shift by 0 instead,
-    # so that its p and alpha are 0, not exp(-inf + inf) = NaN.
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if GUARD:  # a row that has seen no key yet keeps m = -inf: its p and alpha are then 0, not exp(-inf + inf)
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_shift = m_new
     alpha = tl.exp(m_i - m_shift)
     p = tl.exp(s - m_shift[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)

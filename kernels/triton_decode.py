@@ -87,15 +87,19 @@ def _decode_split_kernel(
     HAS_CAP: tl.constexpr,
     PRECISION: tl.constexpr,
     INTERPRETER: tl.constexpr,
+    WINDOWED: tl.constexpr,
 ):
-    """Program (request b, KV head h, split s): partial softmax over the s-th share of request b's slots."""
+    """Program (request b, KV head h, split s): partial softmax over the s-th share of request b's slots (of its
+    window's, if WINDOWED: the runtime `window` >= 0)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
     kv_start = tl.load(kv_indptr_ptr + b).to(tl.int64)
     kv_len = (tl.load(kv_indptr_ptr + b + 1) - kv_start).to(tl.int32)
     # The window's first key (0 without one): the splits share the keys from there on, never reading the others.
-    win_lo = tl.where(window >= 0, tl.maximum(kv_len - 1 - window, 0), 0)
+    win_lo = 0
+    if WINDOWED:  # a constexpr branch: without a window the kernel is the plain one (no extra registers)
+        win_lo = tl.maximum(kv_len - 1 - window, 0)
     # Whole tiles per split, so that only a split's last tile is ragged.
     per_split = tl.cdiv(tl.cdiv(kv_len - win_lo, num_splits), BLOCK_N) * BLOCK_N
     lo = win_lo + split * per_split
@@ -134,6 +138,7 @@ def _decode_split_kernel(
             k_codes_ptr + slot * stride_kc_s + h * stride_kc_h, v_codes_ptr + slot * stride_vc_s + h * stride_vc_h,
             k_norms_ptr + slot * stride_kn_s + h * stride_kn_h, v_norms_ptr + slot * stride_vn_s + h * stride_vn_h,
             n_mask, n_mask[None, :], k_table, v_table, logit_cap, K, V, BLOCK_N, HAS_CAP, PRECISION, INTERPRETER,
+            False,  # every tile a split reads holds a visible key: no row's max stays -inf
         )  # fmt: skip
 
     # An empty split (short request) leaves l_i = 0: it stores lse = -inf, which the reduce skips.
@@ -265,6 +270,7 @@ def decode_attention_triton(
         HAS_CAP=logit_cap > 0,
         PRECISION=dot_precision,
         INTERPRETER=INTERPRETED,
+        WINDOWED=sliding_window_size is not None and sliding_window_size >= 0,
         num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip

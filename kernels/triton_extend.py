@@ -87,8 +87,10 @@ def _extend_kernel(
     HAS_CAP: tl.constexpr,
     PRECISION: tl.constexpr,
     INTERPRETER: tl.constexpr,
+    WINDOWED: tl.constexpr,
 ):
-    """Program (request b, KV head h, row block): rows r = token * GROUP + g of request b's new tokens."""
+    """Program (request b, KV head h, row block): rows r = token * GROUP + g of request b's new tokens. WINDOWED
+    (window >= 0) compiles the window's masks in; the window itself is the runtime `window`."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     q_start = tl.load(qo_indptr_ptr + b).to(tl.int64)
@@ -118,9 +120,10 @@ def _extend_kernel(
     kv_end = tl.where(tl.program_id(2) * BLOCK_M < n_new * GROUP, prefix + last_tok + 1, 0)
     # With a window: the block's first row sees no key below `lowest`, nor does any later row; keys below it are
     # never read, and each row also masks the keys below its own window start (row_lo).
-    first_tok = (tl.program_id(2) * BLOCK_M) // GROUP
-    lowest = tl.where(window >= 0, tl.maximum(prefix + first_tok - window, 0), 0)
-    row_lo = tl.where(window >= 0, prefix + tok - window, 0)
+    lowest = 0
+    if WINDOWED:
+        lowest = tl.maximum(prefix + (tl.program_id(2) * BLOCK_M) // GROUP - window, 0)
+        row_lo = prefix + tok - window
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     # Shapes from nested spec fields go through constexpr locals (Triton 3.6 takes no bare ints there).
@@ -132,15 +135,20 @@ def _extend_kernel(
     accs = tl.zeros([BLOCK_M, WS], dtype=tl.float32)
     for n0 in range((lowest // BLOCK_N) * BLOCK_N, kv_end, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
-        n_mask = (offs >= lowest) & (offs < kv_end)
-        # A row with no visible key yet keeps m = -inf; attend_tile shifts it by 0 (no NaN from inf - inf).
-        visible = n_mask[None, :] & (offs[None, :] <= prefix + tok[:, None]) & (offs[None, :] >= row_lo[:, None])
+        if WINDOWED:
+            # A row with no visible key yet keeps m = -inf; attend_tile (GUARD) shifts it by 0, no inf - inf.
+            n_mask = (offs >= lowest) & (offs < kv_end)
+            visible = n_mask[None, :] & (offs[None, :] <= prefix + tok[:, None]) & (offs[None, :] >= row_lo[:, None])
+        else:
+            n_mask = offs < kv_end
+            # Every row sees key 0, so no row's running max stays -inf past the first tile (no NaN from inf - inf).
+            visible = n_mask[None, :] & (offs[None, :] <= prefix + tok[:, None])
         slot = tl.load(kv_indices_ptr + kv_start + offs, mask=n_mask, other=0).to(tl.int64)
         m_i, l_i, acc0, acc1, accs = attend_tile(
             q0, q1, qs, m_i, l_i, acc0, acc1, accs,
             k_codes_ptr + slot * stride_kc_s + h * stride_kc_h, v_codes_ptr + slot * stride_vc_s + h * stride_vc_h,
             k_norms_ptr + slot * stride_kn_s + h * stride_kn_h, v_norms_ptr + slot * stride_vn_s + h * stride_vn_h,
-            n_mask, visible, k_table, v_table, logit_cap, K, V, BLOCK_N, HAS_CAP, PRECISION, INTERPRETER,
+            n_mask, visible, k_table, v_table, logit_cap, K, V, BLOCK_N, HAS_CAP, PRECISION, INTERPRETER, WINDOWED,
         )  # fmt: skip
 
     inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)
@@ -234,7 +242,7 @@ def _unpacked(
     need: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The vectors at kv_indices[:num_kv], unpacked once: (num_kv, kv_heads, spec.width), bf16 (float32 for the
-    exact dot precisions), norms applied, in tile order. With `need` (num_kv,) bool, only the positions it marks
+    exact dot precisions), norms applied, in tile order. With `need` (num_kv,) int8, only the positions it marks
     (the other rows are left uninitialised: the attention kernel must not read them)."""
     heads = codes.shape[1]
     dtype = torch.bfloat16 if dot_precision == "bf16" else torch.float32
@@ -254,13 +262,13 @@ UNPACK_BLOCK = 64
 
 
 def _window_positions(qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, num_kv: int, window: int) -> torch.Tensor:
-    """(num_kv,) bool: whether kv position p (of the flat kv_indices) is in the window of some query of its request,
+    """(num_kv,) int8: whether kv position p (of the flat kv_indices) is in the window of some query of its request,
     i.e. at or after its request's first new token's window start. On the device, without a sync."""
     starts = kv_indptr.to(torch.int64)
     pos = torch.arange(num_kv, device=kv_indptr.device)
     request = torch.searchsorted(starts[1:].contiguous(), pos, right=True)
     lo = (starts.diff() - qo_indptr.to(torch.int64).diff() - window).clamp_min(0)
-    return (pos - starts[request]) >= lo[request]
+    return ((pos - starts[request]) >= lo[request]).to(torch.int8)
 
 
 def extend_attention_triton(
@@ -351,6 +359,7 @@ def extend_attention_triton(
         HAS_CAP=logit_cap > 0,
         PRECISION=dot_precision,
         INTERPRETER=INTERPRETED,
+        WINDOWED=window >= 0,
         num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip
