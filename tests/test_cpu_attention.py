@@ -7,6 +7,8 @@ hold on any x86 CPU and thread count (no assertion here rests on how a library s
 import itertools
 import logging
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -226,3 +228,46 @@ def test_without_a_compiler_the_ops_fall_back_to_the_torch_path_with_one_log_lin
         assert torch.equal(out, torch_batched.decode_attention(*args))
     finally:
         cpu_attention.load_library.cache_clear()
+
+
+_WIDTH_PROBE = """
+import sys, torch
+from tq_serve.kernels import cpu_attention as ca
+from tq_serve.kernels.layout import VectorLayout
+from tq_serve.kernels.packed import PackedVectors
+from tq_serve.kernels.quantizer import get_quantizer
+ca.FLAGS = ca.FLAGS + tuple(sys.argv[2:])
+gen = torch.Generator().manual_seed(0)
+qz = get_quantizer(VectorLayout(head_dim=128, bits=4, variant="mse"))
+pools = []
+for _ in range(2):
+    pool = PackedVectors.empty(qz.layout, (1300, 2))
+    pool.codes.copy_(torch.randint(0, 256, pool.codes.shape, generator=gen, dtype=torch.uint8))
+    pool.norms.copy_(torch.rand(pool.norms.shape, generator=gen) + 0.5)
+    pools.append(pool)
+slots = torch.randperm(1300, generator=gen)
+q = torch.randn(300, 4, 128, generator=gen)
+ext = ca.extend_attention(q, *pools, torch.tensor([0, 300]), torch.tensor([0, 1300]), slots, qz, qz, 0.088)
+dec = ca.decode_attention(q[:2], *pools, torch.tensor([0, 700, 1300]), slots, qz, qz, 0.088)
+assert ca.available()
+torch.save((ext, dec), sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(
+    "avx512f" not in open("/proc/cpuinfo").read() if sys.platform == "linux" else True,
+    reason="needs a CPU with AVX-512 to build both widths",
+)
+def test_avx512_and_avx2_builds_give_bitwise_the_same_outputs(tmp_path):
+    """The reduction order does not depend on the vector width the compiler targets: one build as this CPU allows
+    (AVX-512 tile products) and one restricted to AVX2 give the same bits for extend and decode."""
+    outs = []
+    for name, flags in (("native", []), ("avx2", ["-mno-avx512f"])):
+        path = tmp_path / f"{name}.pt"
+        done = subprocess.run(
+            [sys.executable, "-c", _WIDTH_PROBE, str(path), *flags], capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        outs.append(torch.load(path))
+    (ext_a, dec_a), (ext_b, dec_b) = outs
+    assert torch.equal(ext_a, ext_b) and torch.equal(dec_a, dec_b)
