@@ -14,6 +14,8 @@ BENCHMARKS = {
     "serve": "output tokens/s, TurboQuant vs SGLang's bf16 backend",
     "cpu-attention": "one layer's decode/extend attention on a CPU, the C++ kernel vs bf16 SDPA",
     "capacity-win": "prefix-cache hit rate and TTFT at equal KV memory, TurboQuant vs bf16 (sessions workload)",
+    "boundary-layers": "next-token KL with the first/last N layers raw vs uniform bits (offline, CPU)",
+    "architectures": "tiny Llama/Qwen/Mistral/Gemma/Phi stand-ins: 16-bit exactness, 4/3-bit KL, capacity (CPU)",
 }
 
 

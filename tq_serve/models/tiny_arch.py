@@ -156,6 +156,7 @@ def _gemma2():
             num_key_value_heads=2,
             head_dim=256,
             query_pre_attn_scalar=256,
+            hidden_act="gelu_pytorch_tanh",  # Gemma 2's config.json carries both names; SGLang reads this one
             attn_logit_softcapping=50.0,
             final_logit_softcapping=30.0,
             sliding_window=WINDOW,
@@ -233,8 +234,9 @@ ARCHS: dict[str, TinyArch] = {
 }
 
 
-def hf_config(arch: str, num_layers: int | None = None):
-    """The transformers config of the tiny `arch` (one of ARCHS); `num_layers` repeats its layer pattern."""
+def hf_config(arch: str, num_layers: int | None = None, overrides: dict | None = None):
+    """The transformers config of the tiny `arch` (one of ARCHS); `num_layers` repeats its layer pattern, `overrides`
+    sets config fields (e.g. attn_logit_softcapping=None)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}: known are {', '.join(ARCHS)}")
     config = ARCHS[arch].config()
@@ -244,10 +246,14 @@ def hf_config(arch: str, num_layers: int | None = None):
         config.num_hidden_layers = num_layers
         if pattern:
             config.layer_types = [pattern[i % len(pattern)] for i in range(num_layers)]
+    for key, value in (overrides or {}).items():
+        setattr(config, key, value)
     return config
 
 
-def build(arch: str, out_dir: str | Path, *, seed: int = 0, num_layers: int | None = None) -> Path:
+def build(
+    arch: str, out_dir: str | Path, *, seed: int = 0, num_layers: int | None = None, overrides: dict | None = None
+) -> Path:
     """Write the tiny `arch` checkpoint (config.json, model.safetensors, tq-tiny's tokenizer) to out_dir; returns it.
 
     Deterministic in (arch, seed, the transformers version). A directory that already holds the same build is kept.
@@ -256,7 +262,7 @@ def build(arch: str, out_dir: str | Path, *, seed: int = 0, num_layers: int | No
     from transformers import AutoModelForCausalLM
 
     out = Path(out_dir)
-    config = hf_config(arch, num_layers)
+    config = hf_config(arch, num_layers, overrides)
     stamp = json.dumps({"arch": arch, "seed": seed, "init_std": INIT_STD, "config": config.to_dict()}, sort_keys=True)
     if (out / ".tiny_arch.json").is_file() and (out / ".tiny_arch.json").read_text() == stamp:
         return out
