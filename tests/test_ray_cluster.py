@@ -27,7 +27,7 @@ import psutil
 import pytest
 
 from tq_serve.bench.harness import free_port
-from tq_serve.deploy.cluster import node_ports, ray_start_command
+from tq_serve.deploy.cluster import auth_env, ensure_token, node_ports, ray_start_command
 
 HEAD_IP, WORKER_IP = "127.0.0.1", "127.0.0.2"
 LOADTEST = Path(__file__).resolve().parents[1] / "loadtest"
@@ -53,6 +53,28 @@ def test_ray_start_commands_pin_every_port_and_ray_knows_the_flags():
     assert {f for f in flags if f not in help_text} == set()
     with pytest.raises(ValueError):
         ray_start_command(HEAD_IP, ports)
+
+
+def test_a_second_node_on_this_machine_gets_ports_apart_from_the_first():
+    first = node_ports()
+    second = node_ports(taken=first)
+    ports = lambda p: set(range(p.min_worker, p.max_worker + 1)) | set(vars(p).values())  # noqa: E731
+    assert not ports(first) & ports(second)
+
+
+def test_cluster_command_turns_token_auth_on_for_every_node(tmp_path, capsys):
+    from tq_serve.deploy import cluster
+
+    token = tmp_path / "ray" / "auth_token"
+    assert cluster.main(["--node-ip", WORKER_IP, "--address", "127.0.0.1:6379", "--token-file", str(token)]) == 2
+    assert "copy the head's token file" in capsys.readouterr().err and not token.exists()
+    assert cluster.main(["--node-ip", HEAD_IP, "--head", "--token-file", str(token)]) == 0
+    head = capsys.readouterr().out
+    assert (token.stat().st_mode & 0o777) == 0o600 and len(token.read_text()) == 64
+    assert cluster.main(["--node-ip", WORKER_IP, "--address", "127.0.0.1:6379", "--token-file", str(token)]) == 0
+    worker = capsys.readouterr().out
+    for line in (head, worker):
+        assert line.startswith(f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token} ray start ")
 
 
 def cluster_processes(temp_dir: str) -> list[psutil.Process]:
@@ -94,8 +116,9 @@ def start_cluster(env: dict) -> tuple[str, str]:
     for _ in range(START_ATTEMPTS):
         temp_dir = tempfile.mkdtemp(prefix="tqray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
         address = f"{HEAD_IP}:{free_port()}"
-        head = ray_start_command(HEAD_IP, node_ports(), temp_dir, head_port=int(address.split(":")[1]))
-        worker = ray_start_command(WORKER_IP, node_ports(), temp_dir, head_address=address)
+        head_ports = node_ports()
+        head = ray_start_command(HEAD_IP, head_ports, temp_dir, head_port=int(address.split(":")[1]))
+        worker = ray_start_command(WORKER_IP, node_ports(taken=head_ports), temp_dir, head_address=address)
         for command in (head, worker):
             done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
             if done.returncode != 0:
@@ -108,7 +131,8 @@ def start_cluster(env: dict) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def cluster():
-    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}
+    token = ensure_token(Path(tempfile.mkdtemp(prefix="tqray-token-")) / "auth_token")
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"} | auth_env(token)
     address, temp_dir = start_cluster(env)
     try:
         yield {"address": address, "temp_dir": temp_dir, "env": env}

@@ -8,11 +8,18 @@ this machine, the GCS and the raylet listen on all interfaces (::) and the autos
 servers on 0.0.0.0:44217 and 0.0.0.0:44227, whatever --node-ip-address says. So the ports are pinned instead: the
 exposed set is known, and one firewall rule per node (allow them from the cluster's nodes only) closes it. The
 dashboard is off: tq_serve does not need it, and it is an unauthenticated job-submission endpoint.
+
+Every node and the driver run with Ray's token authentication on (RAY_AUTH_MODE=token, one shared token file
+named by RAY_AUTH_TOKEN_PATH). It must be said explicitly on every node: Ray 2.60 turns it on by itself for a head
+when ~/.ray/auth_token exists (any earlier local `ray.init()` writes one) but not for a node that joins, which is then
+refused by the GCS with InvalidAuthToken.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import shlex
 import socket
 import sys
@@ -45,9 +52,12 @@ def _free(port: int) -> bool:
         return False
 
 
-def node_ports(low: int = 23000, high: int = 23999) -> NodePorts:
-    """Free ports for one node on a machine that already runs other nodes or other Ray clusters (tests)."""
-    fixed = [p for p in range(low, high) if _free(p)]
+def node_ports(low: int = 23000, high: int = 23999, taken: NodePorts | None = None) -> NodePorts:
+    """Free ports for one node on a machine that already runs other nodes or other Ray clusters (tests), apart from
+    the ports `taken` gives another node here: some of a node's servers bind only after its `ray start` returns,
+    so a port that is free now may be the other node's."""
+    reserved = set(range(taken.min_worker, taken.max_worker + 1)) | set(asdict(taken).values()) if taken else set()
+    fixed = [p for p in range(low, high) if p not in reserved and _free(p)]
     block = next(
         (p for p in fixed if all(_free(q) for q in range(p, p + WORKER_PORTS)) and p + WORKER_PORTS < high), None
     )
@@ -57,6 +67,21 @@ def node_ports(low: int = 23000, high: int = 23999) -> NodePorts:
     names = ("node_manager", "object_manager", "runtime_env_agent", "dashboard_agent_grpc")
     names += ("dashboard_agent_listen", "metrics_export", "ray_client_server")
     return NodePorts(**dict(zip(names, singles, strict=False)), min_worker=block, max_worker=block + WORKER_PORTS - 1)
+
+
+def auth_env(token_path: Path) -> dict[str, str]:
+    """The environment every `ray start` of the cluster, and the tq_serve driver, runs with."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
+
+
+def ensure_token(token_path: Path) -> Path:
+    """The cluster's token file, created (random, owner-only) when missing; copy it to every node."""
+    if not token_path.exists():
+        token_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return token_path
 
 
 def ray_start_command(
@@ -93,7 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=6379, help="the head's GCS port (6379)")
     parser.add_argument("--num-cpus", type=int, default=1, help="CPUs for engines on this node (1 per CPU replica)")
     parser.add_argument("--num-gpus", type=int, default=0, help="GPUs for engines on this node (1 per GPU replica)")
+    parser.add_argument(
+        "--token-file", type=Path, default=Path.home() / ".ray" / "auth_token",
+        help="the cluster's shared auth token (created on the head when missing; copy it to every node)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.head:
+        ensure_token(args.token_file)
+    elif not args.token_file.exists():
+        print(f"error: no token file {args.token_file}: copy the head's token file here first", file=sys.stderr)
+        return 2
     command = ray_start_command(
         args.node_ip,
         NodePorts(),
@@ -103,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         num_gpus=args.num_gpus,
     )
     command[0] = "ray"
-    print(shlex.join(command))
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in auth_env(args.token_file).items())
+    print(f"{env} {shlex.join(command)}")
     return 0
 
 
