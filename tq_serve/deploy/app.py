@@ -87,7 +87,9 @@ class EngineReplica:
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._client = httpx.AsyncClient(
             base_url=self._engine.url,
-            headers={"Authorization": f"Bearer {self._engine.api_key}"},
+            # identity: answers are relayed raw (aiter_raw) without their Content-Encoding, so an engine must never
+            # compress them (SGLang's /metrics gzips when asked, and httpx asks by default).
+            headers={"Authorization": f"Bearer {self._engine.api_key}", "Accept-Encoding": "identity"},
             timeout=httpx.Timeout(ENGINE_READ_TIMEOUT_S, connect=ENGINE_CONNECT_TIMEOUT_S),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
         )
