@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # pytest exits 5 when it collects nothing, and make fails on any non-zero exit: an empty suite cannot pass.
+# The slowest tests are listed at the end: CI has a time budget, and this says what spends it.
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=20 $(PYTEST_ARGS)
 
 # The development loop: the suite without the tests that start SGLang or Ray or take minutes (`make test`: all).
 test-fast: install
