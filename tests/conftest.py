@@ -25,15 +25,19 @@ def no_tq_environment():
 def poisoned_pool():
     """poisoned_pool(num_slots, kv_heads, quantizer) -> an empty pool (PackedVectors) whose every vector reads as NaN:
     NaN norms, or for a raw layout 0xFF bytes (a bfloat16 NaN). A kernel that reads a slot outside its batch then
-    poisons that request's output."""
+    poisons that request's output. poisoned_pool.poison(pool, slots, quantizer) poisons those slots of a pool."""
     from tq_serve.kernels.packed import PackedVectors
+
+    def poison(pool: PackedVectors, slots, quantizer) -> None:
+        if quantizer.layout.is_raw:
+            pool.codes[slots] = 0xFF
+        else:
+            pool.norms[slots] = float("nan")
 
     def make(num_slots: int, kv_heads: int, quantizer) -> PackedVectors:
         pool = PackedVectors.empty(quantizer.layout, (num_slots, kv_heads))
-        if quantizer.layout.is_raw:
-            pool.codes.fill_(0xFF)
-        else:
-            pool.norms.fill_(float("nan"))
+        poison(pool, slice(None), quantizer)
         return pool
 
+    make.poison = poison
     return make

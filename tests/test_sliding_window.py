@@ -51,12 +51,15 @@ class Case:
     """A packed pool holding `lens` requests at random slots (unused slots poisoned), their indptrs, and for an
     extend the new tokens of each request (the rest is its cached prefix)."""
 
-    def __init__(self, head_dim, k_bits, v_bits, variant, lens, new=None, hkv=2, group=2, seed=0, device="cpu"):
+    def __init__(
+        self, poisoned_pool, head_dim, k_bits, v_bits, variant, lens, new=None, hkv=2, group=2, seed=0, device="cpu"
+    ):
         gen = torch.Generator().manual_seed(seed)
+        self.poison = poisoned_pool.poison
         self.kq = get_quantizer(VectorLayout(head_dim=head_dim, bits=k_bits, variant=variant))
         self.vq = get_quantizer(VectorLayout(head_dim=head_dim, bits=v_bits, variant=variant))
         total = sum(lens) + 5
-        self.k_pool, self.v_pool = (_poisoned(total, hkv, qz) for qz in (self.kq, self.vq))
+        self.k_pool, self.v_pool = (poisoned_pool(total, hkv, qz) for qz in (self.kq, self.vq))
         self.slots = torch.randperm(total, generator=gen)[: sum(lens)]
         k, v = (torch.randn(len(self.slots), hkv, head_dim, generator=gen) for _ in range(2))
         reference.write_kv(self.k_pool, self.v_pool, k, v, self.slots, self.kq, self.vq)
@@ -82,10 +85,7 @@ class Case:
             lo = max(0, n_kv - (1 if decode else n_new) - window)
             dead = self.slots[bounds[b] : bounds[b] + lo]
             for pool, qz in ((out.k_pool, self.kq), (out.v_pool, self.vq)):
-                if qz.layout.is_raw:
-                    pool.codes[dead] = 0xFF
-                else:
-                    pool.norms[dead] = float("nan")
+                self.poison(pool, dead, qz)
         return out
 
     def decode_args(self):
@@ -97,15 +97,6 @@ class Case:
         d = self.device
         return (self.q.to(d), self.k_pool.to(d), self.v_pool.to(d), self.qo_indptr.to(d), self.kv_indptr.to(d),
                 self.slots.to(d), self.kq, self.vq, self.sm_scale)  # fmt: skip
-
-
-def _poisoned(num_slots, kv_heads, quantizer) -> PackedVectors:
-    pool = PackedVectors.empty(quantizer.layout, (num_slots, kv_heads))
-    if quantizer.layout.is_raw:
-        pool.codes.fill_(0xFF)
-    else:
-        pool.norms.fill_(float("nan"))
-    return pool
 
 
 def _assert_close(out: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-4) -> None:
@@ -183,27 +174,27 @@ CPU_LAYOUTS = [(128, 4, 3, "mse", 4), (64, 3, 2, "prod", 1), (256, 2, 16, "mse",
 
 @pytest.mark.parametrize("window", WINDOWS)
 @pytest.mark.parametrize("layout", CPU_LAYOUTS, ids=lambda c: f"d{c[0]}-k{c[1]}-v{c[2]}-{c[3]}-g{c[4]}")
-def test_cpu_paths_match_the_reference_and_never_read_outside_the_window(layout, window):
+def test_cpu_paths_match_the_reference_and_never_read_outside_the_window(layout, window, poisoned_pool):
     d, kb, vb, variant, group = layout
     # decode: mixed lengths, an empty request, a single-token context, past one CPU decode chunk (512 keys)
     lens = [17, 0, 1, 600, 40]
-    case = Case(d, kb, vb, variant, lens, group=group, seed=1)
+    case = Case(poisoned_pool, d, kb, vb, variant, lens, group=group, seed=1)
     _check_paths(case, window, CPU_DECODE, CPU_EXTEND, extend=False)
     # extend: (cached prefix, new tokens) per request; past one 64-key tile and one 64-position torch block
     prefix_new = [(0, 17), (30, 0), (0, 0), (5, 1), (100, 90), (1, 3)]
     lens = [p + n for p, n in prefix_new]
-    case = Case(d, kb, vb, variant, lens, new=[n for _, n in prefix_new], group=group, seed=2)
+    case = Case(poisoned_pool, d, kb, vb, variant, lens, new=[n for _, n in prefix_new], group=group, seed=2)
     _check_paths(case, window, CPU_DECODE, CPU_EXTEND, decode=False)
 
 
 @pytest.mark.skipif(not cpu_attention.available(), reason="no C++ compiler")
 @pytest.mark.parametrize("window", [3, 70])
-def test_cpu_kernel_with_a_window_is_bitwise_the_same_alone_in_a_batch_and_with_a_cached_prefix(window):
+def test_cpu_kernel_with_a_window_is_bitwise_the_same_alone_in_a_batch_and_with_a_cached_prefix(window, poisoned_pool):
     """The window moves where a request's loops start, by its own positions only: its output is the same bits
     alone or in a batch, on 1 or 2 threads, and (extend) with its prefix cached or computed."""
     d = 128
     lens = [300, 700, 45]
-    case = Case(d, 4, 4, "mse", lens, group=4, seed=3)
+    case = Case(poisoned_pool, d, 4, 4, "mse", lens, group=4, seed=3)
     args = case.decode_args()
     batch = cpu_attention.decode_attention(*args, 0.0, sliding_window_size=window, num_threads=2)
     for b, n in enumerate(lens):
@@ -229,9 +220,9 @@ def test_cpu_kernel_with_a_window_is_bitwise_the_same_alone_in_a_batch_and_with_
 
 
 @pytest.mark.parametrize("window", [3, 70])
-def test_torch_batched_with_a_window_is_bitwise_the_same_with_a_cached_prefix(window):
+def test_torch_batched_with_a_window_is_bitwise_the_same_with_a_cached_prefix(window, poisoned_pool):
     d = 64
-    case = Case(d, 3, 3, "mse", [300], group=2, seed=4)
+    case = Case(poisoned_pool, d, 3, 3, "mse", [300], group=2, seed=4)
     n, slots = 300, case.slots
     q = torch.randn(n, 4, d, generator=torch.Generator().manual_seed(9))
     common = (case.k_pool, case.v_pool)
@@ -242,8 +233,8 @@ def test_torch_batched_with_a_window_is_bitwise_the_same_with_a_cached_prefix(wi
     assert torch.equal(whole[200:], tail)
 
 
-def test_logit_cap_with_a_window_on_the_cpu_paths():
-    case = Case(128, 4, 4, "mse", [40, 9], new=[12, 9], group=2, seed=6)
+def test_logit_cap_with_a_window_on_the_cpu_paths(poisoned_pool):
+    case = Case(poisoned_pool, 128, 4, 4, "mse", [40, 9], new=[12, 9], group=2, seed=6)
     for window in (1, 7):
         exp_d = reference.decode_attention(*case.decode_args(), 5.0, sliding_window_size=window)
         exp_e = reference.extend_attention(*case.extend_args(), 5.0, sliding_window_size=window)
@@ -260,15 +251,15 @@ TRITON_EXTEND = {"triton": _triton_extend}
 
 
 @pytest.mark.parametrize("window", [None, 1, 7, 10_000])
-def test_triton_kernels_match_the_reference_and_never_read_outside_the_window(window):
+def test_triton_kernels_match_the_reference_and_never_read_outside_the_window(window, poisoned_pool):
     """Small sizes (interpreted on a CPU): decode over mixed lengths with 2 splits of 16-key tiles; extend both in
     registers (every request's rows in one row block) and through the unpack-once scratch (more rows than a block)."""
     device = _device()
-    case = Case(64, 4, 3, "mse", [1, 0, 21, 40], group=2, seed=7, device=device)
+    case = Case(poisoned_pool, 64, 4, 3, "mse", [1, 0, 21, 40], group=2, seed=7, device=device)
     _check_paths(case, window, TRITON_DECODE, TRITON_EXTEND, extend=False)
     # extend in registers: at most 8 new tokens x group 2 = one 16-row block
-    case = Case(64, 4, 3, "mse", [8, 30, 3], new=[8, 5, 0], group=2, seed=8, device=device)
+    case = Case(poisoned_pool, 64, 4, 3, "mse", [8, 30, 3], new=[8, 5, 0], group=2, seed=8, device=device)
     _check_paths(case, window, TRITON_DECODE, TRITON_EXTEND, decode=False)
     # extend through the scratch: 20 new tokens span 3 row blocks
-    case = Case(64, 2, 4, "prod", [45, 6], new=[20, 6], group=2, seed=9, device=device)
+    case = Case(poisoned_pool, 64, 2, 4, "prod", [45, 6], new=[20, 6], group=2, seed=9, device=device)
     _check_paths(case, window, TRITON_DECODE, TRITON_EXTEND, decode=False)
