@@ -6,7 +6,7 @@ checks sync the device). The Triton interpreter cannot use that timer, so on CPU
 those numbers only exercise the machinery. A candidate that fails to compile or run (out of shared memory,
 registers) is skipped. The winner must also pass the same checks as the kernel tests and the GPU check, on the same
 packed data as the torch reference: for the write, codes equal except a few flipped by one level where a coordinate
-sits on a codebook boundary (triton_write.write_mismatch: summation order legitimately moves those); for attention,
+sits on a codebook boundary (write_budget.write_mismatch: summation order legitimately moves those); for attention,
 outputs within the tolerance of the dot precision the config chose (triton_common.attention_mismatch). Otherwise the
 next fastest is taken. The chosen config, dot precision included, is what the file stores.
 """
@@ -86,7 +86,8 @@ def make_case(key: TuningKey, size: str, device: torch.device) -> Case:
     k_pool = PackedVectors.empty(kq.layout, (slots, hkv), device)
     v_pool = PackedVectors.empty(vq.layout, (slots, hkv), device)
     if key.kernel == "write":
-        from ..kernels.triton_write import write_kv_triton, write_mismatch
+        from ..kernels.triton_write import write_kv_triton
+        from ..kernels.write_budget import write_mismatch
 
         n = shape["write_tokens"]
         k, v = randn(n, hkv, d), randn(n, hkv, d)

@@ -41,17 +41,18 @@ from pathlib import Path
 
 import torch
 
-from . import torch_batched
+from . import reference, torch_batched
+from .launch_checks import check_pool, check_slots
 from .packed import PackedVectors
-from .quantizer import TurboQuantizer
-from .reference import _check_attention_args, _extend_bounds, window_of
+from .quantizer import TurboQuantizer, norm_limit
+from .reference import _extend_bounds, window_of
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_attention.cpp"
 # -ffp-contract=fast is GCC's default, spelled out: a multiply-add is fused the same way wherever it is compiled.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC")
-ABI_VERSION = 2
+ABI_VERSION = 3
 # Below this many (key, KV head) pairs a decode step runs on one thread: a parallel region's barrier costs more than
 # the work, and waits for a core that the server's other processes may hold. The result does not depend on it.
 PARALLEL_MIN_KEYS = 16384
@@ -92,6 +93,45 @@ class _PoolView(ctypes.Structure):
         ("norms", ctypes.c_void_p),
         ("norm_slot_stride", ctypes.c_int64),
         ("norm_head_stride", ctypes.c_int64),
+    ]
+
+
+class _EncodePlane(ctypes.Structure):
+    _fields_ = [
+        ("offset", ctypes.c_int32),
+        ("bits", ctypes.c_int32),
+        ("shift", ctypes.c_int32),
+        ("nbytes", ctypes.c_int32),
+    ]
+
+
+class _EncodeSegment(ctypes.Structure):
+    _fields_ = [
+        ("start", ctypes.c_int32),
+        ("channels", ctypes.c_int32),
+        ("bits", ctypes.c_int32),
+        ("n_planes", ctypes.c_int32),
+        ("boundaries", ctypes.c_float * 15),
+        ("centroids", ctypes.c_float * 16),
+        ("planes", _EncodePlane * 2),
+    ]
+
+
+class _EncodeSpec(ctypes.Structure):
+    _fields_ = [
+        ("head_dim", ctypes.c_int32),
+        ("code_bytes", ctypes.c_int32),
+        ("raw", ctypes.c_int32),
+        ("n_segments", ctypes.c_int32),
+        ("prod", ctypes.c_int32),
+        ("qjl_offset", ctypes.c_int32),
+        ("norms_per_vector", ctypes.c_int32),
+        ("norm_is_f32", ctypes.c_int32),
+        ("norm_correction", ctypes.c_int32),
+        ("norm_limit", ctypes.c_float),
+        ("rotation_t", ctypes.c_void_p),
+        ("qjl_t", ctypes.c_void_p),
+        ("segments", _EncodeSegment * 2),
     ]
 
 
@@ -165,13 +205,16 @@ def load_library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError) as err:
         logger.warning("CPU attention kernel unavailable, using the torch path (kernels/torch_batched.py): %s", err)
         return None
-    common = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(_VectorSpec), _PoolView]
-    common += [ctypes.POINTER(_VectorSpec), _PoolView]
-    tail = [ctypes.c_int32] * 4 + [ctypes.c_float, ctypes.c_float, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32]
-    lib.tq_decode_attention.argtypes = [*common, ctypes.c_void_p, ctypes.c_void_p, *tail]
-    lib.tq_extend_attention.argtypes = [*common, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, *tail]
-    lib.tq_matmul_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32]
-    lib.tq_matmul_rows.argtypes += [ctypes.c_void_p, ctypes.c_int32]
+    i32, i64, f32, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+    spec = ctypes.POINTER(_VectorSpec)
+    query = [ptr, i32, i64, i64]  # q, io_is_bf16, row and head strides
+    pools = [spec, _PoolView, ptr, spec, _PoolView, ptr, i64]  # K spec, pool, basis^T; V spec, pool, basis; slots
+    kv = [ptr, i32, ptr, i32, i64]  # kv_indptr, its width, kv_indices, its width, their number
+    tail = [i32, i32, i32, f32, f32, i32, ptr, i32, i64]  # batch, heads, group, scale, cap, window, out, threads
+    lib.tq_decode.argtypes = [*query, *pools, *kv, *tail]
+    lib.tq_extend.argtypes = [*query, i64, *pools, ptr, i32, *kv, *tail]
+    lib.tq_write_vectors.argtypes = [ctypes.POINTER(_EncodeSpec), _PoolView, i64, ptr, i32, i64, i64, i64, i32]
+    lib.tq_write_vectors.argtypes += [ptr, i32, ptr, i32]
     return lib
 
 
@@ -281,44 +324,126 @@ def kernel_layout(quantizer: TurboQuantizer, simd: bool) -> KernelLayout:
     return KernelLayout(spec=spec, tables=tuple(tables), basis=basis, basis_t=basis.T.contiguous())
 
 
+@dataclass(frozen=True)
+class EncodeLayout:
+    """What the kernel's write needs of one quantizer: its encode spec and the matrices it points to."""
+
+    spec: _EncodeSpec
+    tensors: tuple[torch.Tensor, ...]  # kept alive: spec holds their addresses
+
+
+@cache
+def encode_layout(quantizer: TurboQuantizer) -> EncodeLayout:
+    """The encode spec of `quantizer` (cached per quantizer): segments with their boundaries, centroids and planes,
+    R^T and (prod) S^T, the norm dtype, its saturation limit and the norm correction."""
+    lay = quantizer.layout
+    t = quantizer.tensors("cpu")
+    rotation_t = t.rotation.T.contiguous().float()
+    qjl_t = t.qjl.T.contiguous().float() if t.qjl is not None else rotation_t
+    spec = _EncodeSpec(
+        head_dim=lay.head_dim,
+        code_bytes=lay.code_bytes,
+        raw=int(lay.is_raw),
+        n_segments=len(lay.segments),
+        prod=int(lay.variant == "prod" and not lay.is_raw),
+        qjl_offset=lay.qjl_offset,
+        norms_per_vector=lay.norms_per_vector,
+        norm_is_f32=int(lay.norm_dtype == "float32"),
+        norm_correction=int(quantizer.norm_correction),
+        norm_limit=norm_limit(quantizer.norm_dtype),
+        rotation_t=rotation_t.data_ptr(),
+        qjl_t=qjl_t.data_ptr(),
+    )
+    for i, (seg, bounds, codebook) in enumerate(zip(lay.segments, t.boundaries, t.centroids, strict=True)):
+        out = spec.segments[i]
+        out.start, out.channels, out.bits, out.n_planes = seg.start, seg.channels, seg.bits, len(seg.planes)
+        for j, value in enumerate(bounds.float().tolist()):
+            out.boundaries[j] = value
+        for j, value in enumerate(codebook.float().tolist()):
+            out.centroids[j] = value
+        for j, plane in enumerate(seg.planes):
+            out.planes[j] = _EncodePlane(offset=plane.offset, bits=plane.bits, shift=plane.shift, nbytes=plane.nbytes)
+    return EncodeLayout(spec=spec, tensors=(rotation_t, qjl_t))
+
+
 # ------------------------------------------------------------------------------------------------------------- ops
 
+# Pools seen before, checked: (tensor identities and geometry, layout) -> the view the kernel reads. A layer's pool
+# is the same tensors on every call, so the layout check runs once per pool, not once per step.
+_POOL_VIEWS: dict[tuple, _PoolView] = {}
+_IO_DTYPES = {torch.bfloat16: 1, torch.float32: 0}
+_ERRORS = {
+    -1: "kv_indptr and qo_indptr must be non-negative and non-decreasing",
+    -2: "kv_indptr overruns kv_indices",
+    -4: "qo_indptr must end at the query rows, and every request needs at least as many kv slots as new tokens "
+    "(the new tokens are written before they are attended)",
+}
 
-def _pool_view(pool: PackedVectors) -> _PoolView:
+
+def _checked_view(name: str, pool: PackedVectors, quantizer: TurboQuantizer) -> _PoolView:
     codes, norms = pool.codes, pool.norms
-    if codes.stride(-1) != 1 or (norms.numel() and norms.stride(-1) != 1):
-        raise ValueError("pool codes and norms must be contiguous in their last dimension")
-    return _PoolView(
-        codes=codes.data_ptr(),
-        code_slot_stride=codes.stride(0),
-        code_head_stride=codes.stride(1),
-        norms=norms.data_ptr(),
-        norm_slot_stride=norms.stride(0),
-        norm_head_stride=norms.stride(1),
-    )
+    key = (
+        codes.data_ptr(), codes.shape, codes.stride(), codes.dtype,
+        norms.data_ptr(), norms.shape, norms.stride(), norms.dtype, quantizer.layout,
+    )  # fmt: skip
+    view = _POOL_VIEWS.get(key)
+    if view is None:
+        check_pool(name, pool, quantizer.layout)
+        if codes.device.type != "cpu":
+            raise ValueError(f"{name} must be on the CPU, got {codes.device}")
+        if len(_POOL_VIEWS) > 4096:  # pools come and go in tests; a server has one per layer
+            _POOL_VIEWS.clear()
+        view = _POOL_VIEWS[key] = _PoolView(
+            codes=codes.data_ptr(),
+            code_slot_stride=codes.stride(0),
+            code_head_stride=codes.stride(1),
+            norms=norms.data_ptr(),
+            norm_slot_stride=norms.stride(0),
+            norm_head_stride=norms.stride(1),
+        )
+    return view
 
 
-def _matmul_rows(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, threads: int) -> torch.Tensor:
-    """x (..., k) @ w (k, n) by the kernel's fixed-order row products -> (..., n) float32."""
-    x = x.float().contiguous()
-    out = torch.empty(*x.shape[:-1], w.shape[1], dtype=torch.float32)
-    rows = x.numel() // max(x.shape[-1], 1)
-    lib.tq_matmul_rows(x.data_ptr(), rows, w.shape[0], w.data_ptr(), w.shape[1], out.data_ptr(), threads)
-    return out
-
-
-def _indices(kv_indices: torch.Tensor) -> tuple[torch.Tensor, int]:
-    if kv_indices.dtype in (torch.int32, torch.int64):
-        index = kv_indices.contiguous()
-    else:
-        index = kv_indices.long().contiguous()
+def _index(name: str, index: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """An index tensor as the kernel reads it (int32 or int64, contiguous) and whether it is int64."""
+    if index.dtype not in (torch.int32, torch.int64):
+        index = index.long()
+    if index.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(index.shape)}")
+    index = index.contiguous()
     return index, int(index.dtype == torch.int64)
 
 
-def _threads(num_threads: int | None, work: int) -> int:
+def _io(q: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """q as the kernel reads it (bfloat16 or float32, head_dim contiguous) and whether it is bfloat16."""
+    if q.dtype not in _IO_DTYPES:
+        q = q.float()
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    return q, _IO_DTYPES[q.dtype]
+
+
+def _parallel(num_threads: int | None) -> tuple[int, int]:
+    """(threads, least work for more than one): the caller's count for any work, else torch's above
+    PARALLEL_MIN_KEYS (key, KV head) pairs."""
     if num_threads is not None:
-        return max(1, num_threads)
-    return torch.get_num_threads() if work >= PARALLEL_MIN_KEYS else 1
+        return max(1, num_threads), 0
+    return torch.get_num_threads(), PARALLEL_MIN_KEYS
+
+
+def _raise_for(code: int, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, num_slots: int) -> None:
+    if code == -3:
+        check_slots("kv_indices", kv_indices[: int(kv_indptr[-1])], num_slots)
+    raise ValueError(f"{_ERRORS.get(code, f'CPU attention kernel error {code}')} (kv_indptr {kv_indptr.tolist()})")
+
+
+def _check_q(q: torch.Tensor, k_quantizer: TurboQuantizer, kv_heads: int) -> None:
+    if q.dim() != 3 or q.shape[-1] != k_quantizer.layout.head_dim:
+        raise ValueError(f"q must be (rows, q_heads, {k_quantizer.layout.head_dim}), got {tuple(q.shape)}")
+    if q.shape[1] % kv_heads:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of the pool's KV heads ({kv_heads})")
+    if q.device.type != "cpu":
+        raise ValueError(f"q must be on the CPU, got {q.device}")
 
 
 def decode_attention(
@@ -336,7 +461,7 @@ def decode_attention(
     num_threads: int | None = None,
 ) -> torch.Tensor:
     """One new token per request: q (B, Hq, d) -> (B, Hq, d) in q.dtype, as reference.decode_attention (with a
-    window, each request reads its last W + 1 slots only).
+    window, each request reads its last W + 1 slots).
 
     num_threads: OpenMP threads (default: torch's, or 1 for a small step); the output does not depend on it."""
     lib = load_library()
@@ -346,40 +471,29 @@ def decode_attention(
             sliding_window_size=sliding_window_size,
         )  # fmt: skip
     window = window_of(sliding_window_size)
-    _check_attention_args(q, k_pool, v_pool, kv_indptr, kv_indices, k_quantizer, v_quantizer)
+    kp, vp = _checked_view("k_pool", k_pool, k_quantizer), _checked_view("v_pool", v_pool, v_quantizer)
+    hkv = k_pool.codes.shape[1]
+    _check_q(q, k_quantizer, hkv)
     if kv_indptr.numel() != q.shape[0] + 1:
         raise ValueError(f"kv_indptr must have batch + 1 = {q.shape[0] + 1} entries, got {kv_indptr.numel()}")
     simd = bool(lib.tq_has_avx2())
     kl, vl = kernel_layout(k_quantizer, simd), kernel_layout(v_quantizer, simd)
-    batch, hq, _ = q.shape
-    hkv = k_pool.shape[1]
-    indptr = kv_indptr.to(torch.int64).contiguous()
-    index, index_64 = _indices(kv_indices)
-    keys = int(indptr[-1]) if window is None else min(int(indptr[-1]), batch * (window + 1))
-    threads = _threads(num_threads, keys * hkv)
-    qs = _matmul_rows(lib, q, kl.basis_t, 1)  # (B, Hq, E_k): a few rows, not worth a parallel region
-    acc = torch.empty(batch, hq, vl.basis.shape[0], dtype=torch.float32)
-    lib.tq_decode_attention(
-        qs.data_ptr(),
-        qs.stride(0),
-        qs.stride(1),
-        ctypes.byref(kl.spec),
-        _pool_view(k_pool),
-        ctypes.byref(vl.spec),
-        _pool_view(v_pool),
-        indptr.data_ptr(),
-        index.data_ptr(),
-        index_64,
-        batch,
-        hkv,
-        hq // hkv,
-        sm_scale,
-        logit_cap,
-        -1 if window is None else window,
-        acc.data_ptr(),
-        threads,
-    )
-    return _matmul_rows(lib, acc, vl.basis, 1).to(q.dtype)
+    x, io_bf16 = _io(q)
+    indptr, indptr_64 = _index("kv_indptr", kv_indptr)
+    index, index_64 = _index("kv_indices", kv_indices)
+    threads, min_work = _parallel(num_threads)
+    batch, hq, d = q.shape
+    out = torch.empty(batch, hq, d, dtype=x.dtype)
+    code = lib.tq_decode(
+        x.data_ptr(), io_bf16, x.stride(0), x.stride(1),
+        ctypes.byref(kl.spec), kp, kl.basis_t.data_ptr(), ctypes.byref(vl.spec), vp, vl.basis.data_ptr(),
+        k_pool.codes.shape[0], indptr.data_ptr(), indptr_64, index.data_ptr(), index_64, index.numel(),
+        batch, hkv, hq // hkv, sm_scale, logit_cap, -1 if window is None else window,
+        out.data_ptr(), threads, min_work,
+    )  # fmt: skip
+    if code:
+        _raise_for(code, kv_indptr, kv_indices, k_pool.codes.shape[0])
+    return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
 def extend_attention(
@@ -408,37 +522,79 @@ def extend_attention(
             sliding_window_size=sliding_window_size,
         )  # fmt: skip
     window = window_of(sliding_window_size)
-    _check_attention_args(q, k_pool, v_pool, kv_indptr, kv_indices, k_quantizer, v_quantizer)
-    _extend_bounds(q, qo_indptr, kv_indptr)
+    kp, vp = _checked_view("k_pool", k_pool, k_quantizer), _checked_view("v_pool", v_pool, v_quantizer)
+    hkv = k_pool.codes.shape[1]
+    _check_q(q, k_quantizer, hkv)
+    if qo_indptr.numel() != kv_indptr.numel():
+        raise ValueError(f"qo_indptr ({qo_indptr.numel()} entries) must match kv_indptr ({kv_indptr.numel()})")
     simd = bool(lib.tq_has_avx2())
     kl, vl = kernel_layout(k_quantizer, simd), kernel_layout(v_quantizer, simd)
-    tokens, hq, _ = q.shape
-    hkv = k_pool.shape[1]
-    qo = qo_indptr.to(torch.int64).contiguous()
-    indptr = kv_indptr.to(torch.int64).contiguous()
-    index, index_64 = _indices(kv_indices)
-    threads = _threads(num_threads, int(indptr[-1]) * hkv * max(tokens, 1))
-    qs = _matmul_rows(lib, q, kl.basis_t, threads)
-    acc = torch.zeros(tokens, hq, vl.basis.shape[0], dtype=torch.float32)
-    lib.tq_extend_attention(
-        qs.data_ptr(),
-        qs.stride(0),
-        qs.stride(1),
-        ctypes.byref(kl.spec),
-        _pool_view(k_pool),
-        ctypes.byref(vl.spec),
-        _pool_view(v_pool),
-        qo.data_ptr(),
-        indptr.data_ptr(),
-        index.data_ptr(),
-        index_64,
-        qo.numel() - 1,
-        hkv,
-        hq // hkv,
-        sm_scale,
-        logit_cap,
-        -1 if window is None else window,
-        acc.data_ptr(),
-        threads,
-    )
-    return _matmul_rows(lib, acc, vl.basis, threads).to(q.dtype)
+    x, io_bf16 = _io(q)
+    qo, qo_64 = _index("qo_indptr", qo_indptr)
+    indptr, indptr_64 = _index("kv_indptr", kv_indptr)
+    index, index_64 = _index("kv_indices", kv_indices)
+    threads, min_work = _parallel(num_threads)
+    tokens, hq, d = q.shape
+    out = torch.empty(tokens, hq, d, dtype=x.dtype)
+    code = lib.tq_extend(
+        x.data_ptr(), io_bf16, x.stride(0), x.stride(1), tokens,
+        ctypes.byref(kl.spec), kp, kl.basis_t.data_ptr(), ctypes.byref(vl.spec), vp, vl.basis.data_ptr(),
+        k_pool.codes.shape[0], qo.data_ptr(), qo_64, indptr.data_ptr(), indptr_64, index.data_ptr(), index_64,
+        index.numel(), qo.numel() - 1, hkv, hq // hkv, sm_scale, logit_cap, -1 if window is None else window,
+        out.data_ptr(), threads, min_work,
+    )  # fmt: skip
+    if code == -4:
+        _extend_bounds(q, qo_indptr, kv_indptr)  # raises, naming the request
+    if code:
+        _raise_for(code, kv_indptr, kv_indices, k_pool.codes.shape[0])
+    return out if out.dtype == q.dtype else out.to(q.dtype)
+
+
+def write_kv(
+    k_pool: PackedVectors,
+    v_pool: PackedVectors,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out_cache_loc: torch.Tensor,
+    k_quantizer: TurboQuantizer,
+    v_quantizer: TurboQuantizer,
+    *,
+    saturated: torch.Tensor | None = None,
+    num_threads: int | None = None,
+) -> None:
+    """Quantize k, v (T, Hkv, d) into pool slots out_cache_loc (T,), in place, as reference.write_kv: each vector
+    on its own in a fixed order (csrc/cpu_attention.cpp), within kernels/write_budget.py of the reference's codes.
+    `saturated` (int64, one element) counts the norms stored saturated. Nothing is written if a slot is out of range.
+    """
+    lib = load_library()
+    if lib is None or k.device.type != "cpu":
+        return reference.write_kv(k_pool, v_pool, k, v, out_cache_loc, k_quantizer, v_quantizer, saturated=saturated)
+    kp, vp = _checked_view("k_pool", k_pool, k_quantizer), _checked_view("v_pool", v_pool, v_quantizer)
+    hkv = k_pool.codes.shape[1]
+    tokens = out_cache_loc.numel()
+    if k.shape != v.shape or k.dim() != 3 or k.shape[1] != hkv or k.shape[0] != tokens:
+        raise ValueError(
+            f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be (tokens, {hkv}, head_dim) with "
+            f"tokens = len(out_cache_loc) = {tokens}"
+        )
+    for name, x, qz in (("k", k, k_quantizer), ("v", v, v_quantizer)):
+        if x.shape[-1] != qz.layout.head_dim:
+            raise ValueError(f"{name}: expected vectors of head_dim {qz.layout.head_dim}, got shape {tuple(x.shape)}")
+    loc, loc_64 = _index("out_cache_loc", out_cache_loc)
+    counter = saturated
+    if saturated is not None and (saturated.dtype != torch.int64 or saturated.device.type != "cpu"):
+        counter = torch.zeros(1, dtype=torch.int64)
+    # Each vector costs a d x d rotation (about 2 us at d = 128): a parallel region pays from a few dozen on.
+    threads = num_threads or (torch.get_num_threads() if tokens * hkv >= 32 else 1)
+    num_slots = k_pool.codes.shape[0]
+    for pool, x, qz in ((kp, k, k_quantizer), (vp, v, v_quantizer)):
+        x, is_bf16 = _io(x)
+        code = lib.tq_write_vectors(
+            ctypes.byref(encode_layout(qz).spec), pool, num_slots, x.data_ptr(), is_bf16, x.stride(0), x.stride(1),
+            tokens, hkv, loc.data_ptr(), loc_64, None if counter is None else counter.data_ptr(), threads,
+        )  # fmt: skip
+        if code:
+            check_slots("out_cache_loc", loc, num_slots)
+            raise IndexError(f"out_cache_loc holds a slot outside the pool of {num_slots} slots")
+    if counter is not None and counter is not saturated:
+        saturated += counter.to(saturated.device)

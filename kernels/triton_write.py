@@ -31,7 +31,7 @@ import triton.language as tl
 from .launch_checks import check_index_tensor, check_pool, check_same_device, check_slots
 from .layout import VectorLayout
 from .packed import PackedVectors
-from .quantizer import TurboQuantizer, norm_limit, unpack_plane
+from .quantizer import TurboQuantizer, norm_limit
 from .triton_common import (
     FLOAT_DTYPES,
     check_launch,
@@ -40,16 +40,11 @@ from .triton_common import (
     kernel_tensors,
     record_spec,
 )
+from .write_budget import MAX_CODE_FLIPS, MAX_SIGN_FLIPS, write_mismatch
 
 __all__ = ["write_kv_triton", "write_mismatch", "MAX_CODE_FLIPS", "MAX_SIGN_FLIPS"]
 
 _QJL_CHUNK = 64  # QJL projection columns per tl.dot: keeps S's tile at (width, 64) float32 for head_dim 256
-# A write may differ from the reference's only where summation order moves a code across a boundary: at most this
-# fraction of the codes, each by one level; a prod record then gets another residual, so its QJL signs may differ
-# on at most MAX_SIGN_FLIPS of them. Norms within one ulp of their dtype.
-MAX_CODE_FLIPS = 1e-3
-MAX_SIGN_FLIPS = 2e-2
-NORM_RTOL = {torch.float16: 2**-10, torch.float32: 1e-6}
 
 
 class WriteSegment(NamedTuple):
@@ -436,34 +431,3 @@ def write_kv_triton(
         num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip
-
-
-def write_mismatch(got: PackedVectors, want: PackedVectors, quantizer: TurboQuantizer) -> str | None:
-    """None when a write `got` matches the reference's `want` (same vectors) within the flip budget: codes equal
-    except at most MAX_CODE_FLIPS of them, each by one level; QJL signs within MAX_SIGN_FLIPS; norms within one ulp.
-    Otherwise what differs."""
-    lay = quantizer.layout
-    if lay.is_raw:
-        return None if torch.equal(got.codes, want.codes) else "raw bf16 rows differ"
-    codes_got, codes_want = quantizer.codes(got), quantizer.codes(want)
-    diff = (codes_got - codes_want).abs()
-    if diff.numel() and int(diff.max()) > 1:
-        return f"a code moved by {int(diff.max())} levels (a boundary flip moves it by one)"
-    flips = float((diff > 0).float().mean()) if diff.numel() else 0.0
-    if flips > MAX_CODE_FLIPS:
-        return f"{flips:.2e} of the codes differ (budget {MAX_CODE_FLIPS:.0e})"
-    norm_tol = 2 * NORM_RTOL[got.norms.dtype]
-    n_got, n_want = quantizer.norms(got), quantizer.norms(want)
-    n_rel = float(((n_got - n_want).abs() / n_want.abs().clamp_min(1e-30)).max()) if n_got.numel() else 0.0
-    if n_rel > norm_tol:
-        return f"norms differ by {n_rel:.2e} relative (tolerance {norm_tol:.1e})"
-    if lay.variant == "prod":
-        plane = quantizer.qjl_plane
-        sign_flips = float((unpack_plane(got.codes, plane) != unpack_plane(want.codes, plane)).float().mean())
-        if sign_flips > MAX_SIGN_FLIPS:
-            return f"{sign_flips:.2e} of the QJL signs differ (budget {MAX_SIGN_FLIPS:.0e})"
-        # gamma = ||y - c||: a flipped code changes it by up to the flip's share of the residual
-        g_got, g_want = quantizer.residual_norms(got), quantizer.residual_norms(want)
-        if not torch.allclose(g_got, g_want, rtol=1e-2, atol=1e-3):
-            return f"residual norms differ by up to {float((g_got - g_want).abs().max()):.2e}"
-    return None

@@ -90,7 +90,7 @@ def test_write_mismatch_names_what_differs(levels, count, expect):
     from tq_serve.kernels.layout import VectorLayout
     from tq_serve.kernels.packed import PackedVectors
     from tq_serve.kernels.quantizer import get_quantizer
-    from tq_serve.kernels.triton_write import write_mismatch
+    from tq_serve.kernels.write_budget import write_mismatch
 
     qz = get_quantizer(VectorLayout(head_dim=64, bits=4))
     want = qz.quantize(torch.randn(200, 2, 64, generator=torch.Generator().manual_seed(0)))

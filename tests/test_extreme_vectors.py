@@ -3,8 +3,8 @@
 Real models have K/V coordinates of 1e4-1e5; with float16 norms (the default) a norm beyond 65504 would become inf
 and poison every query that reads it. Here: all-zero vectors, denormal coordinates, one huge coordinate in an
 otherwise ~1 vector, norm 1e6, and bfloat16 near its max (whose squares overflow float32 unless scaled). Every write
-path (the torch quantizer behind the CPU ops, the Triton write kernel) must store finite norms, saturating at the
-norm dtype's largest finite value and counting what it saturated; every attention path (reference, torch_batched,
+path (the torch quantizer, the C++ CPU kernel's write, the Triton write kernel) must store finite norms, saturating
+at the norm dtype's largest finite value and counting what it saturated; every attention path (reference, torch_batched,
 the C++ CPU kernel, Triton decode/extend, interpreted on a CPU) must give finite outputs equal to the reference on
 the same packed data; with float32 norms, which hold these norms, close to unquantized attention.
 """
@@ -19,6 +19,7 @@ from tq_serve.kernels import cpu_attention, reference, torch_batched
 from tq_serve.kernels.layout import VectorLayout
 from tq_serve.kernels.packed import PackedVectors
 from tq_serve.kernels.quantizer import get_quantizer, norm_limit
+from tq_serve.kernels.write_budget import write_mismatch
 
 D, HKV, GROUP, TOKENS = 64, 2, 2, 20
 BF16_MAX = torch.finfo(torch.bfloat16).max
@@ -58,10 +59,11 @@ def _quantizers(norm_dtype: str, bits=(4, 3)):
     return tuple(get_quantizer(VectorLayout(head_dim=D, bits=b, norm_dtype=norm_dtype)) for b in bits)
 
 
-def _write(k, v, kq, vq, triton: bool):
+def _write(k, v, kq, vq, writer: str = "torch"):
+    """Write k, v through `writer`: the torch quantizer (reference), the C++ CPU kernel or the Triton kernel."""
     k_pool, v_pool = PackedVectors.empty(kq.layout, (TOKENS, HKV)), PackedVectors.empty(vq.layout, (TOKENS, HKV))
     saturated = torch.zeros(1, dtype=torch.int64)
-    if triton:
+    if writer == "triton":
         from tq_serve.kernels.triton_write import write_kv_triton
 
         dev = _device()
@@ -69,7 +71,8 @@ def _write(k, v, kq, vq, triton: bool):
         write_kv_triton(*pools, k.to(dev), v.to(dev), torch.arange(TOKENS, device=dev), kq, vq, saturated=counter)
         (k_pool, v_pool), saturated = (p.to("cpu") for p in pools), counter.cpu()
     else:
-        reference.write_kv(k_pool, v_pool, k, v, torch.arange(TOKENS), kq, vq, saturated=saturated)
+        write = cpu_attention.write_kv if writer == "cpu-kernel" else reference.write_kv
+        write(k_pool, v_pool, k, v, torch.arange(TOKENS), kq, vq, saturated=saturated)
     return k_pool, v_pool, int(saturated)
 
 
@@ -83,13 +86,13 @@ def _expected_saturations(k, v, norm_dtype) -> int:
 
 
 @pytest.mark.parametrize("norm_dtype", ["float16", "float32"])
-@pytest.mark.parametrize("triton", [False, True], ids=["torch", "triton"])
+@pytest.mark.parametrize("writer", ["torch", "cpu-kernel", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_writes_store_finite_norms_saturating_and_counting(norm_dtype, triton, dtype):
+def test_writes_store_finite_norms_saturating_and_counting(norm_dtype, writer, dtype):
     k, v = extreme_kv()
     k, v = k.to(dtype), v.to(dtype)
     kq, vq = _quantizers(norm_dtype)
-    k_pool, v_pool, saturated = _write(k, v, kq, vq, triton)
+    k_pool, v_pool, saturated = _write(k, v, kq, vq, writer)
     for pool in (k_pool, v_pool):
         assert torch.isfinite(pool.norms.float()).all()
     assert saturated == _expected_saturations(k.float(), v.float(), norm_dtype)
@@ -108,14 +111,13 @@ def test_writes_store_finite_norms_saturating_and_counting(norm_dtype, triton, d
         assert torch.isfinite(qz.dequantize(pool)).all()
 
 
-def test_triton_write_matches_the_torch_write_on_extreme_vectors():
-    """Same codes (within the boundary-flip budget) and norms: both scale by the same power of two."""
-    from tq_serve.kernels.triton_write import write_mismatch
-
+@pytest.mark.parametrize("writer", ["cpu-kernel", "triton"])
+def test_fused_writes_match_the_torch_write_on_extreme_vectors(writer):
+    """Same codes (within the boundary-flip budget) and norms: all scale by the same power of two."""
     k, v = extreme_kv()
     for norm_dtype in ("float16", "float32"):
         kq, vq = _quantizers(norm_dtype)
-        ref, tri = _write(k, v, kq, vq, triton=False), _write(k, v, kq, vq, triton=True)
+        ref, tri = _write(k, v, kq, vq), _write(k, v, kq, vq, writer)
         assert ref[2] == tri[2]
         for got, want, qz in ((tri[0], ref[0], kq), (tri[1], ref[1], vq)):
             assert write_mismatch(got, want, qz) is None
@@ -186,13 +188,13 @@ def _assert_close(out, expected, rtol):
 
 
 @pytest.mark.parametrize("norm_dtype", ["float16", "float32"])
-@pytest.mark.parametrize("writer", ["torch", "triton"])
+@pytest.mark.parametrize("writer", ["torch", "cpu-kernel", "triton"])
 def test_attention_over_extreme_vectors_is_finite_and_matches_the_reference_on_every_path(norm_dtype, writer):
     # bf16 max in a float32-norm pool would store a norm of 3.4e38: its scores and outputs overflow float32 in any
     # implementation (the reference too), so that pool holds the other extremes only
     k, v = extreme_kv(bf16_max=norm_dtype == "float16")
     kq, vq = _quantizers(norm_dtype)
-    k_pool, v_pool, _ = _write(k, v, kq, vq, triton=writer == "triton")
+    k_pool, v_pool, _ = _write(k, v, kq, vq, writer)
     q_dec, q_ext = _queries()
     sm_scale = 1 / math.sqrt(D)
     for cap in (0.0, 30.0):
@@ -219,7 +221,7 @@ def test_with_float32_norms_attention_over_extreme_vectors_stays_close_to_unquan
     attention (the huge K of token 2 dominates every query's softmax, so an output is mostly its value)."""
     k, v = extreme_kv(bf16_max=False)
     kq, vq = _quantizers("float32", bits=(4, 4))
-    k_pool, v_pool, saturated = _write(k, v, kq, vq, triton=False)
+    k_pool, v_pool, saturated = _write(k, v, kq, vq)
     assert saturated == 0
     q_dec, q_ext = _queries()
     sm_scale = 1 / math.sqrt(D)

@@ -43,7 +43,7 @@
 
 namespace {
 
-constexpr int kAbiVersion = 2;
+constexpr int kAbiVersion = 3;
 constexpr int kMaxOps = 8;
 constexpr int kLanes = 16;
 constexpr int64_t kDecodeChunk = 512;  // keys per decode work item (a fixed split: part of the reduction order)
@@ -600,17 +600,13 @@ void decode_chunk(const DecodeArgs& a, int64_t b, int64_t h, int64_t first, int6
 
 int thread_count(int requested) { return requested > 0 ? requested : 1; }
 
-}  // namespace
-
-extern "C" {
-
 // Decode: q (B, Hq, Ek) fp32 in K's storage basis; request b reads slots kv_indices[kv_indptr[b] : kv_indptr[b+1]],
 // from its window start on (window >= 0: its last window + 1 slots); out (B, Hq, Ev) fp32 in V's storage basis,
 // contiguous (zeros for a request without slots).
-int tq_decode_attention(const float* q, int64_t q_row_stride, int64_t q_head_stride, const VectorSpec* ks,
-                        PoolView kp, const VectorSpec* vs, PoolView vp, const int64_t* kv_indptr,
-                        const void* kv_indices, int32_t indices_64, int32_t batch, int32_t kv_heads, int32_t group,
-                        float sm_scale, float logit_cap, int32_t window, float* out, int32_t num_threads) {
+void decode_attention(const float* q, int64_t q_row_stride, int64_t q_head_stride, const VectorSpec* ks,
+                      PoolView kp, const VectorSpec* vs, PoolView vp, const int64_t* kv_indptr,
+                      const void* kv_indices, int32_t indices_64, int32_t batch, int32_t kv_heads, int32_t group,
+                      float sm_scale, float logit_cap, int32_t window, float* out, int32_t num_threads) {
     const DecodeArgs args{q, q_row_stride, q_head_stride, ks, kp, vs, vp, kv_indices, indices_64, kv_heads, group,
                           sm_scale, logit_cap};
     const int ev = vs->width, G = group;
@@ -672,10 +668,9 @@ int tq_decode_attention(const float* q, int64_t q_row_stride, int64_t q_head_str
         }
     }
     }
-    return 0;
 }
 
-}  // extern "C"
+}  // namespace
 
 namespace {
 
@@ -932,20 +927,16 @@ void extend_block(const ExtendArgs& a, int64_t q_first, int64_t i0, int nq, int6
     }
 }
 
-}  // namespace
-
-extern "C" {
-
 // Extend: q (T, Hq, Ek) fp32 in K's storage basis; request b owns rows qo_indptr[b] : qo_indptr[b+1], its last
 // tokens, and slots kv_indices[kv_indptr[b] : kv_indptr[b+1]] (prefix, then its new tokens, already written); row i
 // of request b sees the keys at positions p - window .. p (window >= 0; else 0 .. p), p = (its kv length - its new
 // tokens) + i. out (T, Hq, Ev) fp32 in V's storage basis, contiguous; rows of requests without slots are left as
 // they are.
-int tq_extend_attention(const float* q, int64_t q_row_stride, int64_t q_head_stride, const VectorSpec* ks,
-                        PoolView kp, const VectorSpec* vs, PoolView vp, const int64_t* qo_indptr,
-                        const int64_t* kv_indptr, const void* kv_indices, int32_t indices_64, int32_t batch,
-                        int32_t kv_heads, int32_t group, float sm_scale, float logit_cap, int32_t window,
-                        float* out, int32_t num_threads) {
+void extend_attention(const float* q, int64_t q_row_stride, int64_t q_head_stride, const VectorSpec* ks,
+                      PoolView kp, const VectorSpec* vs, PoolView vp, const int64_t* qo_indptr,
+                      const int64_t* kv_indptr, const void* kv_indices, int32_t indices_64, int32_t batch,
+                      int32_t kv_heads, int32_t group, float sm_scale, float logit_cap, int32_t window,
+                      float* out, int32_t num_threads) {
     const ExtendArgs args{q, q_row_stride, q_head_stride, ks, kp, vs, vp, kv_indices, indices_64, kv_heads, group,
                           sm_scale, logit_cap, window, out};
     const int tokens_per_item = std::max(1, kExtendRows / group);
@@ -969,34 +960,398 @@ int tq_extend_attention(const float* q, int64_t q_row_stride, int64_t q_head_str
         const int nq = static_cast<int>(std::min<int64_t>(tokens_per_item, n_new - i0));
         extend_block(args, qo_indptr[b], i0, nq, n_kv - n_new + i0, kv_indptr[b], h);
     }
+}
+
+// o (n) = x (k) @ w (k, n), each entry a sequential sum over k (in blocks of 64 columns): the basis changes of
+// queries and outputs, bitwise independent of the batch and the thread count (a BLAS matmul picks its kernel and
+// split by the shapes and threads it is given). n must be a multiple of 16.
+inline void matmul_row(const float* xr, int k, const float* w, int n, float* o) {
+    for (int j0 = 0; j0 < n; j0 += 64) {
+        const int width = std::min(64, n - j0);
+        float c[64] = {};
+        for (int i = 0; i < k; ++i) {
+            const float xv = xr[i];
+            const float* wr = w + static_cast<int64_t>(i) * n + j0;
+            for (int j = 0; j < width; ++j) c[j] += xv * wr[j];
+        }
+        std::memcpy(o + j0, c, sizeof(float) * width);
+    }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------- write
+//
+// Quantize-and-pack of new K or V vectors straight into their pool slots (TurboQuant Algorithms 1 and 2; the
+// semantics of reference.write_kv), one vector at a time in a fixed order, so that a vector's record depends on that
+// vector alone (not on the batch, the thread count or the vector width):
+//   x (bf16 or f32) -> float; s = 2^-e (e: frexp exponent of max |x_j|, clamped to [-126, 126]); xs = s x (exact)
+//   ss = sum_j xs_j^2 (sequentially over j); n = sqrt(ss) / s; u = xs / max(sqrt(ss), 1e-30)
+//   y_j = sum_i u_i R[j, i]        (R^T given; for each j the products are added in the order i = 0, 1, ...)
+//   idx_j = #{boundaries < y_j}    (torch.bucketize, right=False: a tie takes the lower code)
+//   planes: field k of byte b of a plane is its channel start + k * nbytes + b, (idx >> shift) & mask
+//   prod: r = y - c[idx], sign bit j = (sum_i r_i S[j, i] >= 0), gamma = ||r||
+//   norms: n (or n / ||c[idx]|| with norm correction), saturated at the norm dtype's largest finite value
+// The sums run in another order than torch's, so a y_j within rounding of a boundary may take the neighbouring code
+// (kernels/write_budget.py holds writes to that budget, as it holds the Triton write).
+
+extern "C" {
+
+struct EncodePlane {
+    int32_t offset;
+    int32_t bits;
+    int32_t shift;
+    int32_t nbytes;
+};
+
+struct EncodeSegment {
+    int32_t start;
+    int32_t channels;
+    int32_t bits;
+    int32_t n_planes;
+    float boundaries[15];
+    float centroids[16];
+    EncodePlane planes[2];
+};
+
+// One VectorLayout as the write needs it; the matrices are (head_dim, head_dim) fp32, row-major.
+struct EncodeSpec {
+    int32_t head_dim;
+    int32_t code_bytes;
+    int32_t raw;  // the code row is the bfloat16 vector
+    int32_t n_segments;
+    int32_t prod;
+    int32_t qjl_offset;
+    int32_t norms_per_vector;
+    int32_t norm_is_f32;
+    int32_t norm_correction;
+    float norm_limit;
+    const float* rotation_t;  // R^T
+    const float* qjl_t;       // S^T (prod only)
+    EncodeSegment segments[2];
+};
+
+// A pool tensor pair as the write fills it (the same strides as PoolView).
+struct MutablePoolView {
+    uint8_t* codes;
+    int64_t code_slot_stride;
+    int64_t code_head_stride;
+    void* norms;
+    int64_t norm_slot_stride;
+    int64_t norm_head_stride;
+};
+
+}  // extern "C"
+
+namespace {
+
+inline float bf16_to_float(uint16_t h) {
+    const uint32_t bits = static_cast<uint32_t>(h) << 16;
+    float out;
+    std::memcpy(&out, &bits, 4);
+    return out;
+}
+
+// Round to nearest even, as torch's float -> bfloat16 (a NaN stays a quiet NaN).
+inline uint16_t float_to_bf16(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);
+    return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+// Round to nearest even, as torch's float -> float16, subnormals and overflow to inf included.
+inline uint16_t float_to_half(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000u, absx = x & 0x7fffffffu;
+    if (absx > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN
+    if (absx >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520 rounds to inf
+    if (absx < 0x38800000u) {                                               // below 2^-14: a subnormal half
+        if (absx < 0x33000000u) return static_cast<uint16_t>(sign);         // below 2^-25 (a tie at it: to 0)
+        const uint32_t e = absx >> 23, m = (absx & 0x7fffffu) | 0x800000u;
+        const uint32_t shift = 126 - e;  // 14 .. 24: value / 2^-24 = m / 2^shift
+        uint32_t h = m >> shift;
+        const uint32_t rest = m & ((1u << shift) - 1u), half = 1u << (shift - 1);
+        if (rest > half || (rest == half && (h & 1u))) ++h;
+        return static_cast<uint16_t>(sign | h);
+    }
+    const uint32_t r = absx - 0x38000000u;  // exponent rebiased from 127 to 15
+    uint32_t h = r >> 13;
+    const uint32_t rest = r & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;  // a carry into the exponent is still right
+    return static_cast<uint16_t>(sign | h);
+}
+
+// The power of two 2^-e of quantizer.power_of_two_scale: e = frexp exponent of amax, clamped to [-126, 126].
+inline float power_of_two_scale(float amax) {
+    uint32_t bits;
+    std::memcpy(&bits, &amax, 4);
+    int32_t exponent = static_cast<int32_t>((bits >> 23) & 0xffu) - 126;
+    exponent = std::min(126, std::max(-126, exponent));
+    const uint32_t out_bits = static_cast<uint32_t>(127 - exponent) << 23;
+    float out;
+    std::memcpy(&out, &out_bits, 4);
+    return out;
+}
+
+// y = x @ m for a (d, d) row-major m: y_j accumulates x_i m[i, j] for i = 0, 1, ... (vectorised over j only).
+inline void rotate_row(const float* x, const float* m, int d, float* y) {
+    std::fill(y, y + d, 0.f);
+    for (int i = 0; i < d; ++i) {
+        const float xi = x[i];
+        const float* mi = m + static_cast<int64_t>(i) * d;
+        for (int j = 0; j < d; ++j) y[j] += xi * mi[j];
+    }
+}
+
+inline void store_norm(const EncodeSpec& spec, const MutablePoolView& pool, int64_t slot, int64_t head, int which,
+                       float value) {
+    const int64_t at = slot * pool.norm_slot_stride + head * pool.norm_head_stride + which;
+    if (spec.norm_is_f32)
+        static_cast<float*>(pool.norms)[at] = value;
+    else
+        static_cast<uint16_t*>(pool.norms)[at] = float_to_half(value);
+}
+
+// Quantize one vector x (d floats) into the record at (slot, head); returns 1 when its norm was saturated.
+int encode_vector(const EncodeSpec& spec, const float* x, const MutablePoolView& pool, int64_t slot, int64_t head) {
+    const int d = spec.head_dim;
+    uint8_t* row = pool.codes + slot * pool.code_slot_stride + head * pool.code_head_stride;
+    float xs[512], y[512], approx[512];
+    float amax = 0.f;
+    for (int j = 0; j < d; ++j) amax = std::max(amax, std::fabs(x[j]));
+    const float scale = power_of_two_scale(amax);
+    float ss = 0.f;
+    for (int j = 0; j < d; ++j) {
+        xs[j] = x[j] * scale;
+        ss += xs[j] * xs[j];
+    }
+    const float norm_s = std::sqrt(ss);
+    const float norm = norm_s / scale;  // inf beyond float range: saturated below
+    const float inv = std::max(norm_s, 1e-30f);
+    for (int j = 0; j < d; ++j) xs[j] = xs[j] / inv;
+    rotate_row(xs, spec.rotation_t, d, y);
+    std::memset(row, 0, static_cast<size_t>(spec.code_bytes));
+    for (int s = 0; s < spec.n_segments; ++s) {
+        const EncodeSegment& seg = spec.segments[s];
+        const int levels = (1 << seg.bits) - 1;
+        uint8_t codes[512];
+        for (int c = 0; c < seg.channels; ++c) {
+            const float v = y[seg.start + c];
+            int code = 0;
+            for (int b = 0; b < levels; ++b) code += seg.boundaries[b] < v;
+            codes[c] = static_cast<uint8_t>(code);
+            approx[seg.start + c] = seg.centroids[code];
+        }
+        for (int p = 0; p < seg.n_planes; ++p) {
+            const EncodePlane& plane = seg.planes[p];
+            const int per_byte = 8 / plane.bits, mask = (1 << plane.bits) - 1;
+            uint8_t* out = row + plane.offset;
+            for (int b = 0; b < plane.nbytes; ++b) {
+                int byte = 0;
+                for (int k = 0; k < per_byte; ++k)
+                    byte |= ((codes[k * plane.nbytes + b] >> plane.shift) & mask) << (k * plane.bits);
+                out[b] = static_cast<uint8_t>(byte);
+            }
+        }
+    }
+    if (spec.prod && spec.n_segments == 0) std::fill(approx, approx + d, 0.f);
+    float stored = norm;
+    if (spec.norm_correction) {
+        float css = 0.f;
+        for (int j = 0; j < d; ++j) css += approx[j] * approx[j];
+        stored = norm / std::max(std::sqrt(css), 1e-30f);
+    }
+    const int saturated = stored > spec.norm_limit;
+    if (saturated) stored = spec.norm_limit;
+    store_norm(spec, pool, slot, head, 0, stored);
+    if (spec.prod) {
+        float residual[512], projected[512];
+        float rss = 0.f;
+        for (int j = 0; j < d; ++j) {
+            residual[j] = y[j] - approx[j];
+            rss += residual[j] * residual[j];
+        }
+        rotate_row(residual, spec.qjl_t, d, projected);
+        uint8_t* signs = row + spec.qjl_offset;
+        const int nbytes = d / 8;
+        for (int b = 0; b < nbytes; ++b) {
+            int byte = 0;
+            for (int k = 0; k < 8; ++k) byte |= (projected[k * nbytes + b] >= 0.f) << k;
+            signs[b] = static_cast<uint8_t>(byte);
+        }
+        store_norm(spec, pool, slot, head, 1, std::sqrt(rss));
+    }
+    return saturated;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Write x (tokens, heads, head_dim) -- bfloat16 (x_is_bf16) or float32, head_dim contiguous -- into pool slots
+// loc[t] (int32 or int64). Every slot is checked against num_slots before anything is written: returns -1 (and
+// writes nothing) if one is out of range, else 0. *saturated (if not null) gains the number of saturated norms.
+int tq_write_vectors(const EncodeSpec* spec, MutablePoolView pool, int64_t num_slots, const void* x, int32_t x_is_bf16,
+                     int64_t x_token_stride, int64_t x_head_stride, int64_t tokens, int32_t heads, const void* loc,
+                     int32_t loc_64, int64_t* saturated, int32_t num_threads) {
+    for (int64_t t = 0; t < tokens; ++t) {
+        const int64_t slot = slot_at(loc, loc_64, t);
+        if (slot < 0 || slot >= num_slots) return -1;
+    }
+    const int d = spec->head_dim;
+    const int64_t items = tokens * heads;
+    int64_t count = 0;
+#pragma omp parallel for schedule(static) num_threads(thread_count(num_threads)) reduction(+ : count)
+    for (int64_t item = 0; item < items; ++item) {
+        const int64_t t = item / heads, h = item % heads;
+        const int64_t slot = slot_at(loc, loc_64, t);
+        const int64_t at = t * x_token_stride + h * x_head_stride;
+        if (spec->raw) {
+            uint16_t* out = reinterpret_cast<uint16_t*>(pool.codes + slot * pool.code_slot_stride +
+                                                        h * pool.code_head_stride);
+            if (x_is_bf16)
+                std::memcpy(out, static_cast<const uint16_t*>(x) + at, sizeof(uint16_t) * d);
+            else
+                for (int j = 0; j < d; ++j) out[j] = float_to_bf16(static_cast<const float*>(x)[at + j]);
+            continue;
+        }
+        float row[512];
+        if (x_is_bf16)
+            for (int j = 0; j < d; ++j) row[j] = bf16_to_float(static_cast<const uint16_t*>(x)[at + j]);
+        else
+            std::memcpy(row, static_cast<const float*>(x) + at, sizeof(float) * d);
+        count += encode_vector(*spec, row, pool, slot, h);
+    }
+    if (saturated) *saturated += count;
     return 0;
 }
 
 }  // extern "C"
 
-extern "C" {
+// ------------------------------------------------------------------------------------------------ entry points
+//
+// Decode and extend from the caller's tensors: the query (bfloat16 or float32) is turned into K's storage basis and
+// the output out of V's here, by the fixed-order row products of matmul_row, and every index is checked first, so
+// that a call costs one crossing from Python (at short context, the checks and basis changes done as separate torch
+// calls cost more than the attention itself).
 
-// out (rows, n) = x (rows, k) @ w (k, n), every row on its own and each entry a sequential sum over k: the basis
-// changes of queries and outputs, bitwise independent of the batch and the thread count (a BLAS matmul picks its
-// kernel and split by the shapes and threads it is given). n must be a multiple of 16.
-int tq_matmul_rows(const float* x, int64_t rows, int32_t k, const float* w, int32_t n, float* out,
-                   int32_t num_threads) {
-    const int threads = thread_count(num_threads);
+namespace {
+
+// Error codes of the entry points (cpu_attention.py turns them into exceptions naming the argument).
+constexpr int kBadIndptr = -1;     // kv_indptr / qo_indptr negative or decreasing
+constexpr int kIndptrOverrun = -2;  // kv_indptr ends past kv_indices
+constexpr int kBadSlot = -3;        // a slot index outside the pool
+constexpr int kBadExtend = -4;      // qo_indptr does not end at the query rows, or a request has fewer slots than new tokens
+
+int read_indptr(const void* indptr, int indptr_64, int64_t entries, std::vector<int64_t>& out) {
+    out.resize(static_cast<size_t>(entries));
+    for (int64_t i = 0; i < entries; ++i) {
+        out[i] = slot_at(indptr, indptr_64, i);
+        if (out[i] < 0 || (i > 0 && out[i] < out[i - 1])) return kBadIndptr;
+    }
+    return 0;
+}
+
+int check_kv(const std::vector<int64_t>& indptr, const void* indices, int indices_64, int64_t n_indices,
+             int64_t num_slots) {
+    if (indptr.back() > n_indices) return kIndptrOverrun;
+    for (int64_t i = indptr.front(); i < indptr.back(); ++i) {
+        const int64_t slot = slot_at(indices, indices_64, i);
+        if (slot < 0 || slot >= num_slots) return kBadSlot;
+    }
+    return 0;
+}
+
+// rows of x (bfloat16 or float32, head_dim contiguous, (rows / heads, heads) strided) @ w (k, n) -> dense fp32.
+void query_basis(const void* q, int q_is_bf16, int64_t row_stride, int64_t head_stride, int64_t rows, int heads, int k,
+                 const float* w, int n, float* out, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < rows; ++r) {
-        const float* xr = x + r * k;
-        float* o = out + r * n;
-        for (int j0 = 0; j0 < n; j0 += 64) {
-            const int width = std::min(64, n - j0);
-            float c[64] = {};
-            for (int i = 0; i < k; ++i) {
-                const float xv = xr[i];
-                const float* wr = w + static_cast<int64_t>(i) * n + j0;
-                for (int j = 0; j < width; ++j) c[j] += xv * wr[j];
-            }
-            std::memcpy(o + j0, c, sizeof(float) * width);
-        }
+        float x[512];
+        const int64_t at = (r / heads) * row_stride + (r % heads) * head_stride;
+        if (q_is_bf16)
+            for (int i = 0; i < k; ++i) x[i] = bf16_to_float(static_cast<const uint16_t*>(q)[at + i]);
+        else
+            std::memcpy(x, static_cast<const float*>(q) + at, sizeof(float) * k);
+        matmul_row(x, k, w, n, out + r * n);
     }
+}
+
+// acc (rows, k) @ w (k, n) -> out (rows, n) contiguous, bfloat16 (rounded to nearest even) or float32.
+void output_basis(const float* acc, int64_t rows, int k, const float* w, int n, void* out, int out_is_bf16,
+                  int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; ++r) {
+        float y[512];
+        matmul_row(acc + r * k, k, w, n, y);
+        if (out_is_bf16)
+            for (int j = 0; j < n; ++j) static_cast<uint16_t*>(out)[r * n + j] = float_to_bf16(y[j]);
+        else
+            std::memcpy(static_cast<float*>(out) + r * n, y, sizeof(float) * n);
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// One new token per request: q (B, Hq, d) -> out (B, Hq, d) contiguous, both bfloat16 (io_is_bf16) or float32.
+// Request b reads slots kv_indices[kv_indptr[b] : kv_indptr[b + 1]] (from its window start on, window >= 0). Runs on
+// num_threads threads where it reads at least parallel_min_keys (key, KV head) pairs, else on one (the output does
+// not depend on it). Returns 0, or an error code before anything is computed.
+int tq_decode(const void* q, int32_t io_is_bf16, int64_t q_row_stride, int64_t q_head_stride, const VectorSpec* ks,
+              PoolView kp, const float* k_basis_t, const VectorSpec* vs, PoolView vp, const float* v_basis,
+              int64_t num_slots, const void* kv_indptr, int32_t indptr_64, const void* kv_indices, int32_t indices_64,
+              int64_t n_indices, int32_t batch, int32_t kv_heads, int32_t group, float sm_scale, float logit_cap,
+              int32_t window, void* out, int32_t num_threads, int64_t parallel_min_keys) {
+    std::vector<int64_t> indptr;
+    if (int err = read_indptr(kv_indptr, indptr_64, batch + 1, indptr)) return err;
+    if (int err = check_kv(indptr, kv_indices, indices_64, n_indices, num_slots)) return err;
+    int64_t keys = 0;
+    for (int b = 0; b < batch; ++b) {
+        const int64_t len = indptr[b + 1] - indptr[b];
+        keys += window >= 0 ? std::min<int64_t>(len, window + 1) : len;
+    }
+    const int threads = keys * kv_heads >= parallel_min_keys ? thread_count(num_threads) : 1;
+    const int d = ks->head_dim, ek = ks->width, ev = vs->width, hq = kv_heads * group;
+    const int64_t rows = static_cast<int64_t>(batch) * hq;
+    std::vector<float> qs(static_cast<size_t>(rows) * ek), acc(static_cast<size_t>(rows) * ev);
+    query_basis(q, io_is_bf16, q_row_stride, q_head_stride, rows, hq, d, k_basis_t, ek, qs.data(), 1);
+    decode_attention(qs.data(), static_cast<int64_t>(hq) * ek, ek, ks, kp, vs, vp, indptr.data(), kv_indices,
+                     indices_64, batch, kv_heads, group, sm_scale, logit_cap, window, acc.data(), threads);
+    output_basis(acc.data(), rows, ev, v_basis, vs->head_dim, out, io_is_bf16, 1);
+    return 0;
+}
+
+// New tokens of each request, causal over its prefix and themselves: q (T, Hq, d) -> out (T, Hq, d) contiguous, both
+// bfloat16 or float32; request b owns query rows qo_indptr[b] : qo_indptr[b + 1] (its last tokens) and slots
+// kv_indices[kv_indptr[b] : kv_indptr[b + 1]]. Rows of requests without slots come out zero. Threads as tq_decode,
+// with (keys x KV heads x query rows) as the work. Returns 0, or an error code before anything is computed.
+int tq_extend(const void* q, int32_t io_is_bf16, int64_t q_row_stride, int64_t q_head_stride, int64_t tokens,
+              const VectorSpec* ks, PoolView kp, const float* k_basis_t, const VectorSpec* vs, PoolView vp,
+              const float* v_basis, int64_t num_slots, const void* qo_indptr, int32_t qo_64, const void* kv_indptr,
+              int32_t indptr_64, const void* kv_indices, int32_t indices_64, int64_t n_indices, int32_t batch,
+              int32_t kv_heads, int32_t group, float sm_scale, float logit_cap, int32_t window, void* out,
+              int32_t num_threads, int64_t parallel_min_keys) {
+    std::vector<int64_t> qo, indptr;
+    if (int err = read_indptr(qo_indptr, qo_64, batch + 1, qo)) return err;
+    if (int err = read_indptr(kv_indptr, indptr_64, batch + 1, indptr)) return err;
+    if (qo.back() != tokens) return kBadExtend;
+    for (int b = 0; b < batch; ++b)
+        if (indptr[b + 1] - indptr[b] < qo[b + 1] - qo[b]) return kBadExtend;
+    if (int err = check_kv(indptr, kv_indices, indices_64, n_indices, num_slots)) return err;
+    const double work = static_cast<double>(indptr.back() - indptr.front()) * kv_heads * std::max<int64_t>(tokens, 1);
+    const int threads = work >= static_cast<double>(parallel_min_keys) ? thread_count(num_threads) : 1;
+    const int d = ks->head_dim, ek = ks->width, ev = vs->width, hq = kv_heads * group;
+    const int64_t rows = tokens * hq;
+    std::vector<float> qs(static_cast<size_t>(rows) * ek), acc(static_cast<size_t>(rows) * ev, 0.f);
+    query_basis(q, io_is_bf16, q_row_stride, q_head_stride, rows, hq, d, k_basis_t, ek, qs.data(), threads);
+    extend_attention(qs.data(), static_cast<int64_t>(hq) * ek, ek, ks, kp, vs, vp, qo.data(), indptr.data(),
+                     kv_indices, indices_64, batch, kv_heads, group, sm_scale, logit_cap, window, acc.data(),
+                     threads);
+    output_basis(acc.data(), rows, ev, v_basis, vs->head_dim, out, io_is_bf16, threads);
     return 0;
 }
 

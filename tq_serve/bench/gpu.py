@@ -267,7 +267,8 @@ def stage_correctness(ctx: Context) -> dict:
     from tq_serve.kernels.triton_common import attention_mismatch
     from tq_serve.kernels.triton_decode import decode_attention_triton
     from tq_serve.kernels.triton_extend import extend_attention_triton
-    from tq_serve.kernels.triton_write import write_kv_triton, write_mismatch
+    from tq_serve.kernels.triton_write import write_kv_triton
+    from tq_serve.kernels.write_budget import write_mismatch
 
     dev, gen = ctx.device, ctx.generator(1)
     heads, group = ctx.plan.shape.kv_heads, ctx.plan.shape.group

@@ -14,9 +14,10 @@ implementation reads only the slots inside the window. `saturated` (an int64 dev
 counts the norms a write saturated at the largest finite value of the norm dtype (docs/ARCHITECTURE.md section 2).
 
 Chosen once per layer, when the pool is built:
-- CPU: the C++ kernel of kernels/cpu_attention.py (writes are the reference itself): decode and extend read the
-  packed code rows of the slots a batch names, in a fixed reduction order (batch- and thread-invariant). Where it
-  cannot be built (no C++ compiler), the torch path of kernels/torch_batched.py, with one log line.
+- CPU: the C++ kernel of kernels/cpu_attention.py: its write quantizes each vector on its own into its slot (codes
+  within kernels/write_budget.py of the reference's); decode and extend read the packed code rows of the slots a
+  batch names, in a fixed reduction order (batch- and thread-invariant). Where it cannot be built (no C++
+  compiler), the torch path of kernels/torch_batched.py with the reference's write, with one log line.
 - CUDA: the Triton kernels (kernels/triton_*.py) with the launch config tuned for this GPU, head_dim, bits and GQA
   group (tq_serve.autotune.store.lookup, which falls back to a rule with one log line); index range checks are off
   (each is a device sync; SGLang's allocator owns the slots). A layer whose layout the kernels do not read (see
@@ -59,7 +60,7 @@ TORCH_OPS = LayerOps(
 
 CPU_KERNEL_OPS = LayerOps(
     name="cpu-kernel",
-    write_kv=reference.write_kv,
+    write_kv=cpu_attention.write_kv,
     decode_attention=cpu_attention.decode_attention,
     extend_attention=cpu_attention.extend_attention,
 )
