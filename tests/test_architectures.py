@@ -5,7 +5,7 @@ ratio, windows, soft-caps, QK-norm, bias), served by in-process engines configur
 settings (tq_serve.bench.architectures, which also writes the README's figures):
 
 - raw 16-bit TurboQuant records serve SGLang's own bf16 torch_native backend's greedy tokens, with logprobs equal up
-  to the attention kernels' rounding (RAW16_LOGPROB_TOL, explained there);
+  to the attention kernels' rounding (RAW16_LOGPROB_TOL, explained there), argmaxes differing only at near-ties;
 - at 4 and 3 bits: the teacher-forced next-token KL to bf16 is reported and bounded, greedy tokens are the same with
   the prompt cold or cached, and SGLang's pool holds the layout spec's bytes per token.
 
@@ -27,25 +27,49 @@ from tq_serve.models.tiny_arch import ARCHS, build, hf_config
 DEFAULT_ARCHS = ("gemma2",)
 RUN_ALL = os.environ.get("RUN_ALL_ARCHS") == "1"
 RAW16_LOGPROB_TOL = 0.05
-"""Raw 16-bit records hold the same bf16 K/V as SGLang's cache; only the attention arithmetic differs. The CPU kernel
-keeps scores, softmax and the value sum in fp32 and rounds once: its bf16 output equals the correctly rounded exact
-(float64) attention in every coordinate we checked (head_dim 96/128/256, 300 keys). SGLang's torch_native runs bf16
-SDPA, which rounds the softmax weights to bf16 before the value product: 15-25% of its output coordinates are 1 ulp
-off the correctly rounded value. For Gemma 2 torch_native also ignores the attention soft-cap (layer.logit_cap),
-which TurboQuant applies. Carried through the layers, these move a prompt token's logprob by up to 0.032 on the
-Gemma 2 stand-in (KL 5e-5). So: greedy output tokens identical, prompt/output logprobs within 0.05, and the
-teacher-forced argmax equal at >= 98% of positions (the rest are near-ties of a random-weight model)."""
-RAW16_MIN_AGREEMENT = 0.98
+"""Raw 16-bit records hold the same bf16 K/V as SGLang's cache; only the attention arithmetic differs. Saving each
+layer's q, k, v and output in both engines (Qwen2.5 stand-in): layer 0's q, k, v are bitwise equal; the CPU kernel
+keeps scores, softmax and the value sum in fp32 and rounds once, its bf16 output the correctly rounded exact
+(float64) attention in all but 0.01% of coordinates (those within fp32 error of a rounding boundary); torch_native's
+output is bitwise torch's bf16 SDPA, which rounds the softmax weights to bf16 before the value product: 20-27% of
+coordinates 1 ulp off. For Gemma 2 torch_native also ignores the attention soft-cap (layer.logit_cap), which
+TurboQuant applies. A bf16 network spreads any difference: with torch_native's SDPA run in fp32 (differing from the
+kernel in 10 coordinates of layer 0), 45% of layer 2's q differed and prompt logprobs still moved by up to 0.03.
+How far it spreads grows with the weights' gain (tq_serve.models.tiny_arch.init_std): at a fixed std the 448-wide
+Qwen2.5 stand-in moved logprobs by 0.076 and parted its greedy tokens at a near-tie, and transformers' own model,
+bf16 SDPA against exact attention with no SGLang and no TurboQuant, gave the same figures (KL 1.5e-4 against the
+engines' 1.4e-4, argmax agreement 98.0% against 98.0%, logprobs 0.071 against 0.076).
+
+So: prompt logprobs, and greedy tokens' logprobs while both engines share the context, within 0.05; a teacher-forced
+argmax may differ only where bf16 itself puts the two tokens within NEAR_TIE (no logprob moving by 0.05 can flip a
+wider gap), and greedy tokens may part only at such a near-tie. Random weights have many: logits are bf16, so a gap
+is a multiple of 1/64 nat at their scale, and exact ties are common."""
+NEAR_TIE = 2 * RAW16_LOGPROB_TOL
+ROUTING_TIES = 0.01
+"""Mixture-of-experts stand-ins: the share of prompt positions (and of teacher-forced argmax flips) allowed outside
+those bounds. A router picks each token's experts by top-k of bf16 logits, which tie at bf16 resolution, so any
+difference in attention rounding flips some token's experts and moves its logprob by a step: transformers' own
+Qwen3-MoE stand-in, bf16 SDPA against exact attention, flipped one token's layer-1 experts of 227, whose logprob moved
+0.16 while every other one moved at most 0.023."""
 KL_BOUND = {"tq4": 0.15, "tq3": 0.4}
 """Nats per position: a sanity bound (broken plumbing gives KL of nats), not a quality claim. Measured on the random
-stand-ins: 0.009-0.08 at 4 bits, 0.03-0.24 at 3 (Qwen2.5's flat distributions the highest; README)."""
+stand-ins: 0.009-0.021 at 4 bits, 0.028-0.077 at 3 (README)."""
+QWEN3_MOE_GAP = (
+    "SGLang's Qwen3MoeForCausalLM asks the attention backend for SGLang's `token_to_kv_pool` attribute (through "
+    "get_token_to_kv_pool(), to decide on its fused rope + KV write), which TurboQuantAttnBackend does not define: "
+    "the first forward pass raises AttributeError"
+)
+"""Why the qwen3moe stand-in's engines fail (sglang_plugin/backend.py); the expected failure ends with that fix."""
 
 
 def _arch_param(arch: str):
     if arch in DEFAULT_ARCHS:
         return pytest.param(arch, marks=pytest.mark.sglang)
     skip = pytest.mark.skipif(not RUN_ALL, reason="opt-in: RUN_ALL_ARCHS=1 (four SGLang engines per architecture)")
-    return pytest.param(arch, marks=[pytest.mark.sglang, pytest.mark.slow, skip])
+    marks = [pytest.mark.sglang, pytest.mark.slow, skip]
+    if arch == "qwen3moe":
+        marks.append(pytest.mark.xfail(reason=QWEN3_MOE_GAP, raises=RuntimeError, strict=True))
+    return pytest.param(arch, marks=marks)
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +91,17 @@ def measured(request, model_cache):
 
 
 def test_raw_16_bit_records_serve_bf16s_greedy_tokens_and_logprobs(measured):
-    raw, bf16 = measured["settings"]["raw16"], measured["settings"]["bf16"]
-    assert raw["output_ids"] == bf16["output_ids"]
-    assert raw["greedy_agreement"] >= RAW16_MIN_AGREEMENT  # teacher-forced argmax, prompt positions
+    raw = measured["settings"]["raw16"]
+    print(f"{measured['arch']} raw16: greedy parting {raw['greedy_parting']}, argmax flips {raw['argmax_flip_gaps']}")
+    outliers = int(ROUTING_TIES * measured["prompt_positions"]) if ARCHS[measured["arch"]].experts else 0
+    # greedy tokens identical, or parting only where bf16 put the two within NEAR_TIE
+    assert all(p is None or p["gap"] <= NEAR_TIE for p in raw["greedy_parting"])
     assert raw["max_abs_output_logprob_diff"] <= RAW16_LOGPROB_TOL
-    assert raw["max_abs_prompt_logprob_diff"] <= RAW16_LOGPROB_TOL
+    # teacher-forced: every position but the outliers within the tolerance, every other argmax flip at a near-tie
+    largest = raw["largest_prompt_logprob_diffs"]  # descending, the first 10
+    assert outliers < len(largest) and largest[outliers] <= RAW16_LOGPROB_TOL
+    flips = raw["argmax_flip_gaps"]  # ascending
+    assert all(gap <= NEAR_TIE for gap in flips[: max(0, len(flips) - outliers)])
 
 
 @pytest.mark.parametrize("setting", ["tq4", "tq3"])
@@ -105,7 +135,8 @@ def test_sglangs_pool_holds_the_layout_specs_bytes_per_token(measured, setting):
 def test_stand_ins_keep_their_familys_attention(arch):
     config = hf_config(arch)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    expected = {"llama3": 128, "qwen2": 64, "qwen3": 128, "mistral": 128, "gemma2": 256, "gemma3": 256, "phi3": 96}
+    expected = {"llama3": 128, "qwen2": 64, "qwen3": 128, "qwen3moe": 128, "mistral": 128, "gemma2": 256, "gemma3": 256}
+    expected["phi3"] = 96
     assert head_dim == expected[arch]
     assert config.num_attention_heads % config.num_key_value_heads == 0
     if arch == "gemma2":

@@ -7,7 +7,9 @@ settings -> ServeConfig -> ServerArgs path as the CLI) and measures on the same 
 - `bf16`: SGLang's own bf16 cache and torch_native attention, the reference;
 - `raw16`: the TurboQuant pool with every layer raw (a bit schedule of 16s): greedy tokens, their logprobs and the
   teacher-forced prompt logprobs against bf16. This isolates the plumbing (windows, soft-cap, QK-norm, GQA,
-  head_dim): the records hold the same bf16 K/V, so only the attention arithmetic differs;
+  head_dim): the records hold the same bf16 K/V, so only the attention arithmetic differs. Where an argmax differs
+  (teacher-forced, or where the greedy tokens part) the row records how far apart bf16 itself put the two tokens:
+  a different rounding can flip a near-tie, and only a near-tie;
 - `tq4`, `tq3`: teacher-forced next-token KL(bf16 || TurboQuant) over the prompt positions (full distributions),
   prefix-cache invariance (greedy tokens with the prompt cold and cached, and a batch that shares a cached prefix),
   and the capacity SGLang's own pool reports against the layout spec's bytes per token.
@@ -85,9 +87,20 @@ def engine(model_dir: Path, flags: Sequence[str], max_total_tokens: int) -> Iter
         llm.shutdown()
 
 
+def _dists(tops: Sequence, vocab: int) -> list[list[float]]:
+    """SGLang's top-`vocab` logprob lists, one per position, as full log-distributions indexed by token id."""
+    dists = []
+    for top in tops:
+        dist = [-math.inf] * vocab
+        for lp, tid, *_ in top:
+            dist[tid] = lp
+        dists.append(dist)
+    return dists
+
+
 def score(llm, texts: Sequence[str], vocab: int) -> list[dict]:
-    """Per prompt: greedy output ids and their logprobs, the prompt's token logprobs and full next-token
-    distributions (teacher-forced, position 1 on)."""
+    """Per prompt: greedy output ids, their logprobs and full distributions, the prompt's token logprobs and full
+    next-token distributions (teacher-forced, position 1 on)."""
     outs = llm.generate(
         list(texts),
         {"max_new_tokens": GREEDY_TOKENS, "temperature": 0, "ignore_eos": True},
@@ -98,18 +111,13 @@ def score(llm, texts: Sequence[str], vocab: int) -> list[dict]:
     rows = []
     for out in outs:
         meta = out["meta_info"]
-        dists = []
-        for top in meta["input_top_logprobs"][1:]:
-            dist = [-math.inf] * vocab
-            for lp, tid, *_ in top:
-                dist[tid] = lp
-            dists.append(dist)
         rows.append(
             {
                 "output_ids": list(out["output_ids"]),
                 "output_logprobs": [x[0] for x in meta["output_token_logprobs"]],
+                "output_dists": _dists(meta["output_top_logprobs"], vocab),
                 "input_logprobs": [x[0] for x in meta["input_token_logprobs"][1:]],
-                "input_dists": dists,
+                "input_dists": _dists(meta["input_top_logprobs"][1:], vocab),
             }
         )
     return rows
@@ -134,8 +142,40 @@ def greedy_agreement(reference: list[dict], other: list[dict]) -> float:
     return same / total
 
 
-def max_abs_diff(a: Sequence[float], b: Sequence[float]) -> float:
-    return max((abs(x - y) for x, y in zip(a, b, strict=True)), default=0.0)
+def _argmax(dist: Sequence[float]) -> int:
+    return max(range(len(dist)), key=dist.__getitem__)
+
+
+def argmax_flip_gaps(reference: list[dict], other: list[dict]) -> list[float]:
+    """At each teacher-forced prompt position where the argmaxes differ: how far the reference's own distribution puts
+    its argmax above the other's (nats; 0 at an exact tie). If no logprob moves by more than e, only positions with a
+    gap below 2e can flip."""
+    gaps = []
+    for ref, oth in zip(reference, other, strict=True):
+        for p_log, q_log in zip(ref["input_dists"], oth["input_dists"], strict=True):
+            a, b = _argmax(p_log), _argmax(q_log)
+            if a != b:
+                gaps.append(p_log[a] - p_log[b])
+    return sorted(gaps)
+
+
+def output_comparison(reference: list[dict], other: list[dict]) -> tuple[list[dict | None], float]:
+    """The greedy outputs of each prompt: where they part (None: never), with the gap the reference's own distribution
+    put between its token and the other's at that step; and the largest logprob difference of the reference's token
+    over the steps whose context both share (up to and including the parting step)."""
+    partings, diff = [], 0.0
+    for ref, oth in zip(reference, other, strict=True):
+        pairs = zip(ref["output_ids"], oth["output_ids"], strict=True)
+        part = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+        for i in range(len(ref["output_ids"]) if part is None else part + 1):
+            token = ref["output_ids"][i]
+            diff = max(diff, abs(ref["output_dists"][i][token] - oth["output_dists"][i][token]))
+        if part is None:
+            partings.append(None)
+        else:
+            dist = ref["output_dists"][part]
+            partings.append({"step": part, "gap": dist[ref["output_ids"][part]] - dist[oth["output_ids"][part]]})
+    return partings, diff
 
 
 def prefix_invariance(llm, texts: Sequence[str]) -> dict:
@@ -210,16 +250,20 @@ def measure_arch(arch: str, model_dir: Path, settings: Sequence[str] = tuple(SET
                 row["kl_to_bf16"] = mean_kl(ref, scored[name])
                 row["greedy_agreement"] = greedy_agreement(ref, scored[name])
                 row["same_greedy_tokens"] = row["output_ids"] == [s["output_ids"] for s in ref]
-                row["max_abs_output_logprob_diff"] = max(
-                    max_abs_diff(a["output_logprobs"], b["output_logprobs"])
+                row["greedy_parting"], row["max_abs_output_logprob_diff"] = output_comparison(ref, scored[name])
+                if name == "raw16":  # where a flip must be a near-tie (the compressed settings flip many)
+                    row["argmax_flip_gaps"] = argmax_flip_gaps(ref, scored[name])
+                diffs = [
+                    abs(x - y)
                     for a, b in zip(ref, scored[name], strict=True)
-                )
-                row["max_abs_prompt_logprob_diff"] = max(
-                    max_abs_diff(a["input_logprobs"], b["input_logprobs"])
-                    for a, b in zip(ref, scored[name], strict=True)
-                )
+                    for x, y in zip(a["input_logprobs"], b["input_logprobs"], strict=True)
+                ]
+                row["max_abs_prompt_logprob_diff"] = max(diffs)
+                if name == "raw16":
+                    row["largest_prompt_logprob_diffs"] = sorted(diffs, reverse=True)[:10]
             result["settings"][name] = row
-            log(f"{arch} {name}: " + json.dumps({k: v for k, v in row.items() if k != "output_ids"}))
+            brief = {k: v for k, v in row.items() if k not in ("output_ids", "argmax_flip_gaps")}
+            log(f"{arch} {name}: " + json.dumps(brief))
     result["prompt_positions"] = sum(len(s["input_dists"]) for s in scored[next(iter(scored))])
     return result
 
@@ -287,6 +331,8 @@ def main(argv: list[str]) -> int:
                     "prefix_ok": (s.get("prefix_cache") or {}).get("cold_equals_cached"),
                 }
             )
+    if not flat:  # every architecture failed: their errors are above
+        return 1
     print(
         table(
             flat,

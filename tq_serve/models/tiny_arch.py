@@ -11,7 +11,10 @@ crosses them. The weights are random and seeded; nothing is downloaded, and the 
 bench time, never committed (a few MB each).
 
 Random weights at transformers' usual init (std 0.02) give nearly uniform attention and flat logits, which would hide
-a KV cache's errors and make greedy tokens near-ties; every weight matrix is drawn with std INIT_STD instead.
+a KV cache's errors and make greedy tokens near-ties; every weight matrix is drawn with std INIT_STD instead, scaled
+by sqrt(REFERENCE_WIDTH / hidden_size) (init_std): a fixed std makes a wider stand-in's projections amplify more
+(std * sqrt(hidden) per matrix), and the 384- and 448-wide Phi-3 and Qwen2.5 stand-ins at 0.06 moved their logprobs
+3x as much (KL) as the 256-wide ones under the same bf16 rounding of attention (README, Supported models).
 """
 
 from __future__ import annotations
@@ -32,7 +35,14 @@ BOS, EOS, PAD = 1, 2, 0
 WINDOW = 64
 """Sliding window of the tiny checkpoints, in tokens (the released models use 4096 or 512-1024)."""
 INIT_STD = 0.06
+"""Weight std of a stand-in REFERENCE_WIDTH wide; init_std scales it to the others."""
+REFERENCE_WIDTH = 256
 MAX_POSITIONS = 4096
+
+
+def init_std(hidden_size: int) -> float:
+    """The weight std of a stand-in of this hidden size: the same std * sqrt(width) (gain per projection) for all."""
+    return INIT_STD * (REFERENCE_WIDTH / hidden_size) ** 0.5
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,8 @@ class TinyArch:
     """The released model whose attention shape it copies."""
     features: str
     config: Callable[[], object]
+    experts: bool = False
+    """A mixture of experts: its router picks each token's experts by a discrete top-k."""
 
 
 def _common(**kwargs) -> dict:
@@ -115,6 +127,32 @@ def _qwen3():
             num_hidden_layers=3,
             num_attention_heads=8,
             num_key_value_heads=2,
+            head_dim=128,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            use_sliding_window=False,
+        )
+    )
+
+
+def _qwen3_moe():
+    from transformers import Qwen3MoeConfig
+
+    # Qwen3 30B-A3B: 32 q / 4 KV heads (8:1) of head_dim 128, QK-norm, a mixture of 128 experts (8 active) in every
+    # layer; here 8 q / 1 KV head and 8 experts of width 256, 2 active. The KV cache is Qwen3's: the experts only
+    # replace the MLP.
+    return Qwen3MoeConfig(
+        **_common(
+            hidden_size=256,
+            intermediate_size=512,
+            moe_intermediate_size=256,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            num_hidden_layers=3,
+            num_attention_heads=8,
+            num_key_value_heads=1,
             head_dim=128,
             tie_word_embeddings=False,
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
@@ -214,6 +252,14 @@ ARCHS: dict[str, TinyArch] = {
         ),
         TinyArch("qwen2", "Qwen2ForCausalLM", "Qwen2.5 0.5B", "GQA 7:1, head_dim 64, q/k/v bias", _qwen2),
         TinyArch("qwen3", "Qwen3ForCausalLM", "Qwen3 4B", "GQA 4:1, head_dim 128, QK-norm", _qwen3),
+        TinyArch(
+            "qwen3moe",
+            "Qwen3MoeForCausalLM",
+            "Qwen3 30B-A3B",
+            "GQA 8:1, head_dim 128, QK-norm, 8 experts (2 active)",
+            _qwen3_moe,
+            experts=True,
+        ),
         TinyArch("mistral", "MistralForCausalLM", "Mistral 7B v0.3", "GQA 4:1, head_dim 128", _mistral),
         TinyArch(
             "gemma2",
@@ -246,6 +292,7 @@ def hf_config(arch: str, num_layers: int | None = None, overrides: dict | None =
         config.num_hidden_layers = num_layers
         if pattern:
             config.layer_types = [pattern[i % len(pattern)] for i in range(num_layers)]
+    config.initializer_range = init_std(config.hidden_size)
     for key, value in (overrides or {}).items():
         setattr(config, key, value)
     return config
@@ -263,7 +310,8 @@ def build(
 
     out = Path(out_dir)
     config = hf_config(arch, num_layers, overrides)
-    stamp = json.dumps({"arch": arch, "seed": seed, "init_std": INIT_STD, "config": config.to_dict()}, sort_keys=True)
+    std = config.initializer_range  # init_std(hidden_size), or an override
+    stamp = json.dumps({"arch": arch, "seed": seed, "init_std": std, "config": config.to_dict()}, sort_keys=True)
     if (out / ".tiny_arch.json").is_file() and (out / ".tiny_arch.json").read_text() == stamp:
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -273,9 +321,9 @@ def build(
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() >= 2:
-                param.copy_(torch.randn(param.shape, generator=gen) * INIT_STD)
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
             elif name.endswith("bias"):
-                param.copy_(torch.randn(param.shape, generator=gen) * INIT_STD)
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
             # norm gains keep their init (ones, or zeros for Gemma's 1 + w form)
     model.to(torch.bfloat16).save_pretrained(out)
     for name in TOKENIZER_FILES:
