@@ -54,13 +54,6 @@ Qwen3-MoE stand-in, bf16 SDPA against exact attention, flipped one token's layer
 KL_BOUND = {"tq4": 0.15, "tq3": 0.4}
 """Nats per position: a sanity bound (broken plumbing gives KL of nats), not a quality claim. Measured on the random
 stand-ins: 0.009-0.021 at 4 bits, 0.028-0.077 at 3 (README)."""
-QWEN3_MOE_GAP = (
-    "SGLang's Qwen3MoeForCausalLM asks the attention backend for SGLang's `token_to_kv_pool` attribute (through "
-    "get_token_to_kv_pool(), to decide on its fused rope + KV write), which TurboQuantAttnBackend does not define: "
-    "the first forward pass raises AttributeError"
-)
-"""Why the qwen3moe stand-in's engines fail (sglang_plugin/backend.py): its tests are expected failures for exactly
-this error, and run as the others' once the backend has the attribute."""
 
 
 def _arch_param(arch: str):
@@ -81,12 +74,7 @@ def measured(request, model_cache):
     from tq_serve.bench.architectures import measure_arch_isolated
 
     arch = request.param
-    try:
-        result = measure_arch_isolated(arch, build(arch, model_cache / arch))  # a child process: see its docstring
-    except RuntimeError as err:  # its message ends with the child's log
-        if arch == "qwen3moe" and "no attribute 'token_to_kv_pool'" in str(err):
-            pytest.xfail(QWEN3_MOE_GAP)
-        raise
+    result = measure_arch_isolated(arch, build(arch, model_cache / arch))  # a child process: see its docstring
     out = os.environ.get("ARCH_RESULTS_DIR")
     if out:
         Path(out, f"{arch}.json").write_text(json.dumps(result, indent=1))

@@ -178,6 +178,28 @@ def test_register_adds_the_backend_and_wraps_the_two_hooked_functions():
     assert ATTENTION_BACKENDS["turboquant"].__module__ == "tq_serve.sglang_plugin"
     assert hasattr(DefaultPoolConfigurator._compute_cell_size, "__wrapped__")
     assert hasattr(KVCacheConfigurator._resolve_kv_pool_class, "__wrapped__")
+    from sglang.srt.models import utils as model_utils
+
+    assert hasattr(model_utils.enable_fused_set_kv_buffer, "__wrapped__")
+
+
+def test_models_never_write_bf16_kv_into_the_packed_pool_themselves():
+    """Qwen3-MoE, gpt-oss and others fuse rope with a bf16 KV write when enable_fused_set_kv_buffer says so (on
+    CUDA with a bf16 pool): for the packed pool the hook says no, and the backend offers the pool SGLang's forward
+    context asks it for."""
+    from tq_serve.sglang_plugin import hooks
+
+    pool, _ = make_pool(TurboQuantConfig(kv_bits=4))
+    asked = []
+
+    def original(forward_batch):
+        asked.append(forward_batch)
+        return True
+
+    assert hooks.no_fused_kv_write(original, "batch", pool=pool) is False and not asked
+    assert hooks.no_fused_kv_write(original, "batch", pool=object()) is True and asked == ["batch"]
+    backend, _ = make_backend(pool)
+    assert backend.token_to_kv_pool is pool and backend.req_to_token_pool.size == 4
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import logging
 import os
 from functools import partial
 
-from .compat import CELL_SIZE_TARGET, POOL_CLASS_TARGET, POOL_STATS_TARGET, check_sglang
+from .compat import CELL_SIZE_TARGET, FUSED_KV_WRITE_TARGET, POOL_CLASS_TARGET, POOL_STATS_TARGET, check_sglang
 from .config import BACKEND_NAME, TurboQuantConfig
 
 logger = logging.getLogger(__name__)
@@ -64,5 +64,6 @@ def register() -> None:
     HookRegistry.register(CELL_SIZE_TARGET, partial(hooks.compute_cell_size, config), HookType.AROUND)
     HookRegistry.register(POOL_CLASS_TARGET, partial(hooks.resolve_kv_pool_class, config), HookType.AROUND)
     HookRegistry.register(POOL_STATS_TARGET, hooks.publish_pool_slots, HookType.AFTER)
+    HookRegistry.register(FUSED_KV_WRITE_TARGET, hooks.no_fused_kv_write, HookType.AROUND)
     _registered = config
     logger.info("TurboQuant plug-in registered attention backend %r with %s", BACKEND_NAME, config)

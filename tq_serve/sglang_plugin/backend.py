@@ -62,6 +62,11 @@ class TurboQuantAttnBackend(AttentionBackend):
             raise NotImplementedError("attention backend 'turboquant' does not support encoder-decoder models")
         self.device = torch.device(model_runner.device)
         self.pool = pool
+        # SGLang's forward context reads these off the attention backend (get_token_to_kv_pool(),
+        # get_req_to_token_pool()): Qwen3-MoE, gpt-oss and others ask for the pool before attention. Their fused
+        # rope + bf16 KV write is switched off for the packed pool (hooks.no_fused_kv_write).
+        self.token_to_kv_pool = pool
+        self.req_to_token_pool = model_runner.req_to_token_pool
         self._layer_ops: dict[int, LayerOps] = {}
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
         self.max_context_len = self.req_to_token.shape[1]

@@ -22,6 +22,8 @@ POOL_CLASS_TARGET = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigura
 CELL_SIZE_TARGET = "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size"
 # Metrics (tq_serve.metrics): called whenever SGLang publishes its pool gauges.
 POOL_STATS_TARGET = "sglang.srt.managers.scheduler_components.pool_stats_observer.PoolStats.update_scheduler_stats"
+# Models with a fused rope + KV write ask this first (hooks.no_fused_kv_write).
+FUSED_KV_WRITE_TARGET = "sglang.srt.models.utils.enable_fused_set_kv_buffer"
 
 HOOKED_NAMES = (
     # registration
@@ -35,6 +37,7 @@ HOOKED_NAMES = (
     POOL_CLASS_TARGET,
     CELL_SIZE_TARGET,
     POOL_STATS_TARGET,
+    FUSED_KV_WRITE_TARGET,
     "sglang.srt.runtime_context.get_parallel",
     # the packed pool subclasses MHATokenToKVPool and overrides these
     "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool",
@@ -61,6 +64,7 @@ HOOKED_SIGNATURES = {
     POOL_CLASS_TARGET: ("self", "kind", "default"),
     CELL_SIZE_TARGET: ("self", "kvc", "num_layers"),
     POOL_STATS_TARGET: ("self", "stats"),
+    FUSED_KV_WRITE_TARGET: ("forward_batch",),
 }
 
 

@@ -9,6 +9,9 @@
 
 Both pass every call through untouched unless turboquant is the attention backend.
 
+- fused KV write: models with a fused rope + KV write (Qwen3-MoE, gpt-oss, Bailing, ...) ask
+  models.utils.enable_fused_set_kv_buffer(forward_batch) whether to write bf16 K/V straight into the pool's buffers;
+  with the packed pool the answer is always no, so they call attention with the K/V to quantize.
 - metrics: after PoolStats.update_scheduler_stats (SGLang publishing its pool gauges, metrics on), the packed pool's
   slots in use are published as TurboQuant's own gauges (tq_serve.metrics).
 """
@@ -108,3 +111,16 @@ def resolve_kv_pool_class(config: TurboQuantConfig, original: Callable, kvc, *, 
 def publish_pool_slots(result: None, pool_stats, stats) -> None:
     """AFTER hook of PoolStats.update_scheduler_stats: the same accounting SGLang's sglang:kv_* gauges get."""
     metrics.publish_slots(pool_stats.full_capacity, pool_stats.full_available_size, pool_stats.full_evictable_size)
+
+
+def no_fused_kv_write(original: Callable, forward_batch, *, pool=None) -> bool:
+    """AROUND hook of models.utils.enable_fused_set_kv_buffer: never for the packed pool, whose rows are not bf16
+    K/V (SGLang would enable it on CUDA, where the pool reports the model's bf16 dtype). `pool`: the forward
+    context's (get_token_to_kv_pool(), as the hooked function reads it) unless given."""
+    if pool is None:
+        from sglang.srt.model_executor.forward_context import get_token_to_kv_pool
+
+        pool = get_token_to_kv_pool()
+    if getattr(pool, "kv_layout", None) is not None:  # TurboQuantKVPool (pool.py)
+        return False
+    return original(forward_batch)
