@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from . import reference, torch_batched
-from .launch_checks import check_pool, check_slots
+from .launch_checks import check_kv_vectors, check_pool, check_slots
 from .packed import PackedVectors
 from .quantizer import TurboQuantizer, norm_limit
 from .reference import _extend_bounds, window_of
@@ -572,14 +572,9 @@ def write_kv(
     kp, vp = _checked_view("k_pool", k_pool, k_quantizer), _checked_view("v_pool", v_pool, v_quantizer)
     hkv = k_pool.codes.shape[1]
     tokens = out_cache_loc.numel()
-    if k.shape != v.shape or k.dim() != 3 or k.shape[1] != hkv or k.shape[0] != tokens:
-        raise ValueError(
-            f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be (tokens, {hkv}, head_dim) with "
-            f"tokens = len(out_cache_loc) = {tokens}"
-        )
-    for name, x, qz in (("k", k, k_quantizer), ("v", v, v_quantizer)):
-        if x.shape[-1] != qz.layout.head_dim:
-            raise ValueError(f"{name}: expected vectors of head_dim {qz.layout.head_dim}, got shape {tuple(x.shape)}")
+    if k_quantizer.layout.head_dim != v_quantizer.layout.head_dim:
+        raise ValueError(f"K and V quantizers disagree on head_dim: {k_quantizer.layout} vs {v_quantizer.layout}")
+    check_kv_vectors(k, v, hkv, k_quantizer.layout.head_dim, tokens)
     loc, loc_64 = _index("out_cache_loc", out_cache_loc)
     counter = saturated
     if saturated is not None and (saturated.dtype != torch.int64 or saturated.device.type != "cpu"):

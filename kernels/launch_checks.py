@@ -13,6 +13,7 @@ from .layout import VectorLayout
 from .packed import PackedVectors
 
 INDEX_DTYPES = (torch.int32, torch.int64)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_pool(name: str, pool: PackedVectors, layout: VectorLayout, num_kv_heads: int | None = None) -> None:
@@ -59,3 +60,15 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
     if any(d != first for d in devices.values()):
         raise ValueError(f"all tensors must be on one device, got {devices}")
     return first
+
+
+def check_kv_vectors(k: torch.Tensor, v: torch.Tensor, num_kv_heads: int, head_dim: int, tokens: int) -> None:
+    """New K and V to write: both (tokens, kv_heads, head_dim), float16, bfloat16 or float32."""
+    for name, x in (("k", k), ("v", v)):
+        if x.dim() != 3 or tuple(x.shape) != (tokens, num_kv_heads, head_dim):
+            raise ValueError(
+                f"{name} must be (tokens, kv_heads, head_dim) = ({tokens}, {num_kv_heads}, {head_dim}) with tokens = "
+                f"len(out_cache_loc), got {tuple(x.shape)}"
+            )
+        if x.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name}: expected float16, bfloat16 or float32, got {x.dtype}")

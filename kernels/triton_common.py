@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch_checks import check_index_tensor, check_kv_indptr, check_pool, check_same_device
+from .launch_checks import FLOAT_DTYPES, check_index_tensor, check_kv_indptr, check_pool, check_same_device
 from .layout import VectorLayout
 from .packed import PackedVectors
 from .quantizer import TurboQuantizer
@@ -458,7 +458,6 @@ def window_arg(sliding_window_size: int | None) -> int:
     return min(int(sliding_window_size), 2**31 - 1)
 
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DOT_PRECISIONS = ("bf16", "ieee", "tf32", "tf32x3")
 # Attention against the torch reference on the same packed data, as a fraction of the largest output: float32 dots
 # differ by summation order only; bf16 operands round R q, the centroids and p to 8 bits (2^-9 relative each),

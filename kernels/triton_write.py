@@ -28,12 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch_checks import check_index_tensor, check_pool, check_same_device, check_slots
+from .launch_checks import check_index_tensor, check_kv_vectors, check_pool, check_same_device, check_slots
 from .layout import VectorLayout
 from .packed import PackedVectors
 from .quantizer import TurboQuantizer, norm_limit
 from .triton_common import (
-    FLOAT_DTYPES,
     check_launch,
     check_precision,
     code_view,
@@ -350,14 +349,8 @@ def _write_kv_kernel(
 
 
 def _check_vectors(k: torch.Tensor, v: torch.Tensor, num_kv_heads: int, head_dim: int, tokens: int) -> None:
+    check_kv_vectors(k, v, num_kv_heads, head_dim, tokens)
     for name, x in (("k", k), ("v", v)):
-        if x.dim() != 3 or tuple(x.shape) != (tokens, num_kv_heads, head_dim):
-            raise ValueError(
-                f"{name} must be (tokens, kv_heads, head_dim) = ({tokens}, {num_kv_heads}, {head_dim}) with tokens = "
-                f"len(out_cache_loc), got {tuple(x.shape)}"
-            )
-        if x.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{name}: expected float16, bfloat16 or float32, got {x.dtype}")
         if x.stride(-1) != 1:
             raise ValueError(f"{name}: head_dim must be contiguous, got strides {x.stride()}")
 

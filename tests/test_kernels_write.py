@@ -193,7 +193,7 @@ def test_cpu_kernel_write_checks_slots_before_writing_anything() -> None:
     with pytest.raises(IndexError, match="pool has 8 slots"):
         cpu_attention.write_kv(*pools, x, x, torch.tensor([0, 1, 8]), qz, qz)
     assert not pools[0].codes.any() and not pools[0].norms.any()
-    with pytest.raises(ValueError, match="tokens = len\\(out_cache_loc\\) = 2"):
+    with pytest.raises(ValueError, match="k must be \\(tokens, kv_heads, head_dim\\) = \\(2, 1, 64\\)"):
         cpu_attention.write_kv(*pools, x, x, torch.tensor([0, 1]), qz, qz)
     cpu_attention.write_kv(*pools, x[:0], x[:0], torch.zeros(0, dtype=torch.int64), qz, qz)  # empty: a no-op
     assert not pools[0].codes.any()
