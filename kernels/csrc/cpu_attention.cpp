@@ -3,8 +3,9 @@
 // Plain C++ and OpenMP, no torch headers (it compiles in about two seconds); kernels/cpu_attention.py builds it on
 // first use and calls it through ctypes on tensor data pointers. The math is DESIGN.md section 3 in the quantizer's
 // *storage basis* W (E, d): a vector's decoded row y (E floats, coordinates in the order its code bytes hold them)
-// satisfies x~ = y @ W, so the caller turns each query into that basis (q @ W_k^T) and each output out of it
-// (acc @ W_v) once; here only codes, norms and fp32 rows of at most one tile live.
+// satisfies x~ = y @ W, so each query is turned into that basis (q @ W_k^T) and each output out of it (acc @ W_v)
+// once, by the entry points at the end of this file; in between only codes, norms and fp32 rows of at most one tile
+// live. The same library writes new K/V (the write section): one vector at a time, in a fixed order.
 //
 //   score_i = sm_scale * (n_i c_i . q_s [+ n_i gamma_i qjl_scale s_i . q_qjl])     (optionally tanh-capped)
 //   acc     = sum_i p_i (n_i c_i [, n_i gamma_i qjl_scale s_i])                    (p: softmax of the scores)
