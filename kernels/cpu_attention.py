@@ -262,9 +262,8 @@ def kernel_layout(quantizer: TurboQuantizer, simd: bool) -> KernelLayout:
         ops.append(op)
 
     def padded(codebook: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(16)
-        out[: codebook.numel()] = codebook.float()
-        return out
+        # repeated to 16 entries: an AVX-512 lookup reads the low 4 bits of a lane, whatever the code's width
+        return codebook.float().repeat(16 // codebook.numel()).contiguous()
 
     def plane_channels(start: int, nbytes: int, per_byte: int, vectorised: bool) -> torch.Tensor:
         if vectorised:

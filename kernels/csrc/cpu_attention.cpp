@@ -63,7 +63,7 @@ extern "C" {
 //      plane and the high bits of its channels index a joint table of 4 floats (see cpu_attention.py)
 //   5: the raw bfloat16 vector (nbytes = 2 * head_dim) -> floats at dst
 //   11, 12, 13, 14 (AVX2 builds only, planes of a multiple of 8 bytes, 3-bit: high plane too): kinds 1, 2, 3, 4
-//      decoded 8 bytes at a time with the codebook in registers (table: the codebook, padded to 8 or 16 floats),
+//      decoded 8 bytes at a time with the codebook in registers (table: the codebook repeated to 16 floats),
 //      in channel order: field k of byte j -> dst + k * nbytes + j. About 10x fewer instructions than a table
 //      row per byte.
 struct DecodeOp {
@@ -115,6 +115,9 @@ int tq_has_avx2() {
 namespace {
 
 inline float half_to_float(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);  // exact for every half, subnormals included (the conversion ignores DAZ)
+#endif
     const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
     const uint32_t exponent = (h >> 10) & 0x1fu;
     const uint32_t mantissa = h & 0x3ffu;
@@ -357,7 +360,7 @@ inline int64_t slot_at(const void* indices, int indices_64, int64_t i) {
 }
 
 // The norm scales of one vector: the value part's (n) and, for prod, the QJL part's (n * gamma * qjl_scale).
-inline void vector_scales(const VectorSpec& spec, const PoolView& pool, int64_t slot, int64_t head, float* value,
+__attribute__((always_inline)) inline void vector_scales(const VectorSpec& spec, const PoolView& pool, int64_t slot, int64_t head, float* value,
                           float* qjl) {
     if (spec.norms_per_vector == 0) {
         *value = 1.f;
@@ -599,6 +602,277 @@ void decode_chunk(const DecodeArgs& a, int64_t b, int64_t h, int64_t first, int6
     }
 }
 
+#ifdef __AVX512F__
+// ------------------------------------------------------------------------------------ decode, AVX-512 blocks
+//
+// On AVX-512 builds a decode reads each code row once per pass, 16 channels at a time, straight into registers: a
+// block of 16 channels is one 16-byte load widened to 16 lanes, a shift and one vpermps over the codebook (vpermps
+// looks at the low 4 bits of each lane, so the tables are the codebook repeated to 16 entries and no mask is
+// needed). No decoded row is stored. Keys: each block is multiplied into the group's query blocks at once (16 lanes
+// per dot, blocks in channel order, then a fixed fold of the lanes). Values: 4 blocks x up to 4 queries of
+// accumulators stay in registers while the tile's keys pass in order. Used when every op of both specs decodes
+// this way (planes of a multiple of 16 bytes, head_dim a multiple of 64); otherwise decode_chunk runs.
+
+constexpr int kMaxBlocks = 32;  // 16-channel blocks of a decoded row: up to 2 x 256 channels
+
+struct Block {
+    int32_t kind;  // 0: one plane field; 1: a 3-bit channel from a 2-bit and a 1-bit plane; 2: raw bfloat16
+    int32_t off;   // byte offset in the row of the 16 bytes (kind 2: 32 bytes) to widen
+    int32_t shift;   // right shift that brings the field to bits 0.. (kind 1: the low plane's 2 bits)
+    int32_t off2;    // kind 1: the high plane's 16 bytes
+    int32_t shift2;  // kind 1: right shift (negative: left) that brings the high bit to bit 2
+    const float* table;  // 16 floats: the codebook repeated
+};
+
+struct BlockPlan {
+    bool ok = false;
+    int uniform = -1;  // the kind of every block, or -1 when they differ
+    int n = 0;
+    Block blocks[kMaxBlocks];
+};
+
+BlockPlan block_plan(const VectorSpec& spec) {
+    BlockPlan plan;
+    if (spec.zero_values || spec.head_dim % 64 != 0 || spec.width % 16 != 0 || spec.width / 16 > kMaxBlocks)
+        return plan;
+    plan.n = spec.width / 16;
+    bool covered[kMaxBlocks] = {};
+    const auto put = [&](int channel, const Block& b) {
+        if (channel % 16 != 0 || channel / 16 >= plan.n || covered[channel / 16]) return false;
+        covered[channel / 16] = true;
+        plan.blocks[channel / 16] = b;
+        return true;
+    };
+    for (int o = 0; o < spec.n_ops; ++o) {
+        const DecodeOp& op = spec.ops[o];
+        if (op.kind == 11 || op.kind == 12 || op.kind == 13) {
+            const int bits = op.kind == 11 ? 4 : op.kind == 12 ? 2 : 1, per_byte = 8 / bits;
+            if (op.nbytes % 16 != 0) return plan;
+            for (int ch = 0; ch < op.nbytes * per_byte; ch += 16)
+                if (!put(op.dst + ch, Block{0, op.src + ch % op.nbytes, ch / op.nbytes * bits, 0, 0, op.table}))
+                    return plan;
+        } else if (op.kind == 14) {
+            const int n2 = op.nbytes, n1 = n2 / 2;
+            if (n1 % 16 != 0) return plan;
+            for (int ch = 0; ch < 4 * n2; ch += 16) {
+                const int k = ch / n2, j = ch % n2;
+                if (!put(op.dst + ch, Block{1, op.src + j, 2 * k, op.src2 + j % n1, 2 * k + j / n1 - 2, op.table}))
+                    return plan;
+            }
+        } else if (op.kind == 5) {
+            if (op.nbytes % 32 != 0) return plan;
+            for (int ch = 0; ch < op.nbytes / 2; ch += 16)
+                if (!put(op.dst + ch, Block{2, op.src + 2 * ch, 0, 0, 0, nullptr})) return plan;
+        } else {
+            return plan;
+        }
+    }
+    for (int i = 0; i < plan.n; ++i)
+        if (!covered[i]) return plan;
+    plan.uniform = plan.blocks[0].kind;
+    for (int i = 1; i < plan.n; ++i)
+        if (plan.blocks[i].kind != plan.uniform) plan.uniform = -1;
+    plan.ok = true;
+    return plan;
+}
+
+inline __m512i widen16(const uint8_t* p) {
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// The 16 unscaled floats of block b of a row (KIND: b.kind, or -1 to read it).
+template <int KIND>
+inline __m512 decode_block(const Block& b, const uint8_t* row, __m512 table) {
+    const int kind = KIND >= 0 ? KIND : b.kind;
+    if (kind == 0) {
+        const __m512i v = _mm512_srl_epi32(widen16(row + b.off), _mm_cvtsi32_si128(b.shift));
+        return _mm512_permutexvar_ps(v, table);
+    }
+    if (kind == 1) {
+        const __m512i low = _mm512_srl_epi32(widen16(row + b.off), _mm_cvtsi32_si128(b.shift));
+        const __m512i hv = widen16(row + b.off2);
+        const __m512i high = b.shift2 >= 0 ? _mm512_srl_epi32(hv, _mm_cvtsi32_si128(b.shift2))
+                                           : _mm512_sll_epi32(hv, _mm_cvtsi32_si128(-b.shift2));
+        // bits 0-1 from the low plane, bit 2 (and a don't-care bit 3) from the high one
+        const __m512i code = _mm512_ternarylogic_epi32(_mm512_set1_epi32(3), low, high, 0xCA);
+        return _mm512_permutexvar_ps(code, table);
+    }
+    const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b.off)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+
+inline __m512 block_table(const Block& b) { return b.table ? _mm512_loadu_ps(b.table) : _mm512_setzero_ps(); }
+
+// The sum of 16 lanes by a fixed tree: lane l + lane l + 8, then 4, 2, 1.
+inline float fold16(__m512 v) {
+    const __m256 v8 = _mm256_add_ps(_mm512_castps512_ps256(v),
+                                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    const __m128 v4 = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps(v8, 1));
+    const __m128 v2 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));
+    return _mm_cvtss_f32(_mm_add_ss(v2, _mm_movehdup_ps(v2)));
+}
+
+// dots[u * NG + i] / qjl[u * NG + i]: query i's products with the value part (blocks below value_blocks) and the
+// QJL part of key u's row, for KT keys at once (each block's descriptor and query blocks read once for them all).
+template <int KIND, int NG, int KT>
+__attribute__((always_inline)) inline void key_dots(const BlockPlan& plan, int value_blocks, const uint8_t* const* rows, const float* const* q,
+                     float* dots, float* qjl) {
+    __m512 c[KT][NG];
+    for (int u = 0; u < KT; ++u)
+        for (int i = 0; i < NG; ++i) c[u][i] = _mm512_setzero_ps();
+    int j = 0;
+    const auto run = [&](int end) {
+        for (; j < end; ++j) {
+            const Block& b = plan.blocks[j];
+            const __m512 table = block_table(b);
+            __m512 qv[NG];
+            for (int i = 0; i < NG; ++i) qv[i] = _mm512_loadu_ps(q[i] + 16 * j);
+            for (int u = 0; u < KT; ++u) {
+                const __m512 k = decode_block<KIND>(b, rows[u], table);
+                for (int i = 0; i < NG; ++i) c[u][i] = _mm512_fmadd_ps(k, qv[i], c[u][i]);
+            }
+        }
+    };
+    run(value_blocks);
+    for (int u = 0; u < KT; ++u)
+        for (int i = 0; i < NG; ++i) {
+            dots[u * NG + i] = fold16(c[u][i]);
+            c[u][i] = _mm512_setzero_ps();
+        }
+    run(plan.n);
+    for (int u = 0; u < KT; ++u)
+        for (int i = 0; i < NG; ++i) qjl[u * NG + i] = value_blocks < plan.n ? fold16(c[u][i]) : 0.f;
+}
+
+// acc[i][16 j0 .. 16 (j0 + 4)) = acc * alpha[i] + sum_t w[i][t] * row_t's blocks j0 .. j0 + 3, sequential over t.
+template <int KIND, int NG>
+inline void value_blocks4(const BlockPlan& plan, int j0, const uint8_t* const* rows, int nt, float* const* acc,
+                          const float* alpha, const float* const* w) {
+    __m512 c[4][NG];
+    const __m512 t0 = block_table(plan.blocks[j0]), t1 = block_table(plan.blocks[j0 + 1]);
+    const __m512 t2 = block_table(plan.blocks[j0 + 2]), t3 = block_table(plan.blocks[j0 + 3]);
+    const Block &b0 = plan.blocks[j0], &b1 = plan.blocks[j0 + 1], &b2 = plan.blocks[j0 + 2],
+                &b3 = plan.blocks[j0 + 3];
+    for (int i = 0; i < NG; ++i) {
+        const __m512 a = _mm512_set1_ps(alpha[i]);
+        for (int j = 0; j < 4; ++j) c[j][i] = _mm512_mul_ps(_mm512_loadu_ps(acc[i] + 16 * (j0 + j)), a);
+    }
+    for (int t = 0; t < nt; ++t) {
+        const uint8_t* row = rows[t];
+        const __m512 v0 = decode_block<KIND>(b0, row, t0), v1 = decode_block<KIND>(b1, row, t1);
+        const __m512 v2 = decode_block<KIND>(b2, row, t2), v3 = decode_block<KIND>(b3, row, t3);
+        for (int i = 0; i < NG; ++i) {
+            const __m512 wv = _mm512_set1_ps(w[i][t]);
+            c[0][i] = _mm512_fmadd_ps(wv, v0, c[0][i]);
+            c[1][i] = _mm512_fmadd_ps(wv, v1, c[1][i]);
+            c[2][i] = _mm512_fmadd_ps(wv, v2, c[2][i]);
+            c[3][i] = _mm512_fmadd_ps(wv, v3, c[3][i]);
+        }
+    }
+    for (int i = 0; i < NG; ++i)
+        for (int j = 0; j < 4; ++j) _mm512_storeu_ps(acc[i] + 16 * (j0 + j), c[j][i]);
+}
+
+// decode_chunk on AVX-512 blocks (same work item, same state; see the section comment).
+template <int KK, int VK>
+void decode_chunk_blocks(const DecodeArgs& a, const BlockPlan& kplan, const BlockPlan& vplan, int64_t b, int64_t h,
+                         int64_t first, int64_t k0, int64_t k1, float* m, float* l, float* acc) {
+    const VectorSpec& ks = *a.ks;
+    const VectorSpec& vs = *a.vs;
+    const int G = a.group, ev = vs.width, kvalue_blocks = ks.head_dim / 16, vvalue_blocks = vs.head_dim / 16;
+    const bool k_prod = ks.norms_per_vector == 2;
+    constexpr int kMaxGroup = 64;
+    const float* q[kMaxGroup];
+    float* out[kMaxGroup];
+    float alpha[kMaxGroup];
+    alignas(64) float weights[2 * kMaxGroup * kDecodeTile];  // scores, then p * n; p * n * gamma * c_d
+    const float* w[kMaxGroup];
+    const float* wq[kMaxGroup];
+    float scales[kDecodeTile] = {}, qjl_scales[kDecodeTile] = {}, dots[16], qjl_dots[16];
+    int64_t slots[kDecodeTile], next[kDecodeTile];
+    const uint8_t* krows[kDecodeTile];
+    const uint8_t* vrows[kDecodeTile];
+    for (int g = 0; g < G; ++g) {
+        q[g] = a.q + b * a.q_row_stride + (h * G + g) * a.q_head_stride;
+        w[g] = &weights[static_cast<size_t>(g) * kDecodeTile];
+        wq[g] = &weights[static_cast<size_t>(G + g) * kDecodeTile];
+        out[g] = acc + static_cast<size_t>(g) * ev;
+        m[g] = kNegInf;
+        l[g] = 0.f;
+    }
+    std::fill(acc, acc + static_cast<size_t>(G) * ev, 0.f);
+    const auto load_slots = [&](int64_t t0, int64_t* dst) {
+        const int nt = static_cast<int>(std::min<int64_t>(kDecodeTile, k1 - t0));
+        for (int t = 0; t < nt; ++t) dst[t] = slot_at(a.kv_indices, a.indices_64, first + t0 + t);
+        return nt;
+    };
+    if (k0 < k1) {
+        const int nt = load_slots(k0, slots);
+        prefetch_rows(ks, a.kp, slots, nt, h);
+        prefetch_rows(vs, a.vp, slots, nt, h);
+    }
+    for (int64_t t0 = k0; t0 < k1; t0 += kDecodeTile) {
+        const int nt = static_cast<int>(std::min<int64_t>(kDecodeTile, k1 - t0));
+        if (t0 + kDecodeTile < k1) {
+            const int nn = load_slots(t0 + kDecodeTile, next);
+            prefetch_rows(ks, a.kp, next, nn, h);
+            prefetch_rows(vs, a.vp, next, nn, h);
+        }
+        for (int t = 0; t < nt; ++t) {
+            krows[t] = code_row(a.kp, slots[t], h);
+            vrows[t] = code_row(a.vp, slots[t], h);
+            vector_scales(ks, a.kp, slots[t], h, &scales[t], &qjl_scales[t]);
+        }
+        float* scores = weights;
+        by_four(G, [&](int g0, auto ng) {
+            constexpr int NG = decltype(ng)::value, KT = NG <= 2 ? 4 : 2;  // KT x NG accumulators: 8 registers
+            const auto score = [&](int t, int kt) {
+                for (int u = 0; u < kt; ++u)
+                    for (int i = 0; i < NG; ++i) {
+                        float s = scales[t + u] * dots[u * NG + i];
+                        if (k_prod) s += qjl_scales[t + u] * qjl_dots[u * NG + i];
+                        scores[(g0 + i) * kDecodeTile + t + u] = cap_logit(s * a.sm_scale, a.logit_cap);
+                    }
+            };
+            int t = 0;
+            for (; t + KT <= nt; t += KT) {
+                key_dots<KK, NG, KT>(kplan, kvalue_blocks, &krows[t], &q[g0], dots, qjl_dots);
+                score(t, KT);
+            }
+            for (; t < nt; ++t) {
+                key_dots<KK, NG, 1>(kplan, kvalue_blocks, &krows[t], &q[g0], dots, qjl_dots);
+                score(t, 1);
+            }
+        });
+        for (int t = 0; t < nt; ++t) vector_scales(vs, a.vp, slots[t], h, &scales[t], &qjl_scales[t]);
+        static_assert(kDecodeTile == 32, "a tile's scores are two registers");
+        const __mmask16 live0 = nt >= 16 ? 0xffff : (1u << nt) - 1, live1 = nt >= 32 ? 0xffff : (1u << std::max(0, nt - 16)) - 1;
+        for (int g = 0; g < G; ++g) {
+            float* sg = scores + g * kDecodeTile;
+            const __m512 neg = _mm512_set1_ps(kNegInf);
+            const __m512 mx = _mm512_max_ps(_mm512_mask_loadu_ps(neg, live0, sg), _mm512_mask_loadu_ps(neg, live1, sg + 16));
+            const float m_new = std::max(m[g], _mm512_reduce_max_ps(mx));  // a max is exact in any order
+            alpha[g] = std::exp(m[g] - m_new);
+            const float sum = exp_shifted_sum(sg, nt, kDecodeTile, m_new);
+            float* pq = &weights[static_cast<size_t>(G + g) * kDecodeTile];
+            for (int t = 0; t < kDecodeTile; t += 16) {
+                const __m512 p = _mm512_loadu_ps(sg + t);
+                _mm512_storeu_ps(pq + t, _mm512_mul_ps(p, _mm512_loadu_ps(qjl_scales + t)));
+                _mm512_storeu_ps(sg + t, _mm512_mul_ps(p, _mm512_loadu_ps(scales + t)));
+            }
+            l[g] = l[g] * alpha[g] + sum;
+            m[g] = m_new;
+        }
+        by_four(G, [&](int g0, auto ng) {
+            for (int j0 = 0; j0 < vplan.n; j0 += 4)
+                value_blocks4<VK, decltype(ng)::value>(vplan, j0, vrows, nt, &out[g0], &alpha[g0],
+                                                        j0 < vvalue_blocks ? &w[g0] : &wq[g0]);
+        });
+        std::memcpy(slots, next, sizeof(slots));
+    }
+}
+#endif
+
 int thread_count(int requested) { return requested > 0 ? requested : 1; }
 
 // Decode: q (B, Hq, Ek) fp32 in K's storage basis; request b reads slots kv_indices[kv_indptr[b] : kv_indptr[b+1]],
@@ -627,6 +901,21 @@ void decode_attention(const float* q, int64_t q_row_stride, int64_t q_head_strid
     for (int b = 0; b < batch; ++b)
         for (int64_t c = chunk_base[b]; c < chunk_base[b + 1]; ++c) item_request[c] = b;
     const int threads = thread_count(num_threads);
+#ifdef __AVX512F__
+    const BlockPlan kplan = block_plan(*ks), vplan = block_plan(*vs);
+    const bool blocks = kplan.ok && vplan.ok && G <= 64;
+    // the kinds the block decoders are specialised on: one plane's field, a split 3-bit channel, or mixed
+    const int kk = kplan.uniform == 0 || kplan.uniform == 1 ? kplan.uniform : -1;
+    const int vk = vplan.uniform == 0 || vplan.uniform == 1 ? vplan.uniform : -1;
+    using ChunkFn = void (*)(const DecodeArgs&, const BlockPlan&, const BlockPlan&, int64_t, int64_t, int64_t,
+                             int64_t, int64_t, float*, float*, float*);
+    static constexpr ChunkFn kChunkFns[3][3] = {
+        {decode_chunk_blocks<-1, -1>, decode_chunk_blocks<-1, 0>, decode_chunk_blocks<-1, 1>},
+        {decode_chunk_blocks<0, -1>, decode_chunk_blocks<0, 0>, decode_chunk_blocks<0, 1>},
+        {decode_chunk_blocks<1, -1>, decode_chunk_blocks<1, 0>, decode_chunk_blocks<1, 1>},
+    };
+    const ChunkFn chunk_fn = kChunkFns[kk + 1][vk + 1];
+#endif
     // One parallel region for both phases (the merge after the implicit barrier): a fork and join per call, not
     // two, since a join waits for the slowest thread and on a busy machine that thread may be descheduled.
 #pragma omp parallel num_threads(threads)
@@ -638,6 +927,13 @@ void decode_attention(const float* q, int64_t q_row_stride, int64_t q_head_strid
         const int64_t len = kv_indptr[b + 1] - kv_indptr[b];
         const int64_t c0 = (c - chunk_base[b] + first_chunk[b]) * kDecodeChunk;
         const int64_t k0 = std::max(c0, window_start(len - 1, window)), k1 = std::min(len, c0 + kDecodeChunk);
+#ifdef __AVX512F__
+        if (blocks) {
+            chunk_fn(args, kplan, vplan, b, h, kv_indptr[b], k0, k1, &part_m[item * G], &part_l[item * G],
+                     &part_acc[static_cast<size_t>(item) * G * ev]);
+            continue;
+        }
+#endif
         decode_chunk(args, b, h, kv_indptr[b], k0, k1, &part_m[item * G], &part_l[item * G],
                      &part_acc[static_cast<size_t>(item) * G * ev]);
     }
