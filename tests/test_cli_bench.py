@@ -73,3 +73,30 @@ def test_a_server_that_cannot_start_fails_with_the_end_of_its_log(tmp_path):
         with server_process(["--model", "gpt-9"], tmp_path / "server.log", ready=never_ready.append):
             pass
     assert never_ready and never_ready[0].startswith("http://127.0.0.1:")  # the predicate is asked with the URL
+
+
+def test_serve_rounds_compare_each_setting_with_the_bf16_server_of_its_own_round():
+    from tq_serve.bench.serve import summarise, with_ratios
+
+    def round_rows(bf16: float, tq: float) -> list[dict]:
+        return [
+            {"setting": name, "pool_tokens": 20000, "concurrency": 1, "tokens_per_s": rate}
+            for name, rate in ((BF16.name, bf16), ("tq4-mse", tq))
+        ]
+
+    rows = []
+    for i, (bf16, tq) in enumerate(((100.0, 90.0), (50.0, 60.0), (80.0, 100.0))):
+        rows += with_ratios(round_rows(bf16, tq), i, streamed=False)
+    assert [r["round"] for r in rows] == [0, 0, 1, 1, 2, 2]
+    assert [round(r["vs_bf16"], 3) for r in rows if r["setting"] == "tq4-mse"] == [0.9, 1.2, 1.25]
+    (bf16_row, tq_row) = summarise(rows)
+    assert (bf16_row["setting"], bf16_row["vs_bf16"], bf16_row["rounds"]) == (BF16.name, 1.0, 3)
+    assert tq_row["tokens_per_s"] == 90.0 and tq_row["vs_bf16"] == 1.2  # medians, each ratio from its own round
+    assert tq_row["vs_bf16_per_round"] == [0.9, 1.2, 1.25]
+
+
+def test_serve_refuses_fewer_than_one_round(capsys):
+    from tq_serve.bench import serve
+
+    assert serve.main(["--rounds", "0"]) == 2
+    assert "--rounds must be at least 1" in capsys.readouterr().err

@@ -146,9 +146,9 @@ def running_server(flags: Sequence[str], log: Path) -> Iterator[str]:
         yield server.url
 
 
-def write_report(path: Path | None, benchmark: str, config: dict, rows: list[dict]) -> dict:
-    """Write {benchmark, environment, config, rows} as JSON to `path` (when given) and return it."""
-    report = {"benchmark": benchmark, "environment": environment(), "config": config, "rows": rows}
+def write_report(path: Path | None, benchmark: str, config: dict, rows: list[dict], **extra: object) -> dict:
+    """Write {benchmark, environment, config, rows, **extra} as JSON to `path` (when given) and return it."""
+    report = {"benchmark": benchmark, "environment": environment(), "config": config, "rows": rows, **extra}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=1) + "\n")

@@ -10,6 +10,11 @@ the prefix cache cannot skip its prefill), streamed, and the rows add the time t
 (tokens after the first / time after the first, times the concurrency). The bundled model's context is 1024
 tokens, so the servers then run a copy of its shape with random weights and a context of N + the output, built in
 a temporary directory at bench time: speed does not depend on the weights, and the copy says nothing of quality.
+
+`--rounds R` repeats the whole sequence (bf16, then each TurboQuant setting) R times. A single stream's rate on a
+small machine moves with where the server's processes land, from one server start to the next, by more than the
+caches differ; so each row's ratio is against the bf16 server of its own round, and `summary` holds, per setting,
+pool and concurrency, the median rate and the median of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -160,6 +165,37 @@ def run_setting(model_args: list[str], setting: KVSetting, args, log_dir: Path, 
         return rows
 
 
+def with_ratios(rows: list[dict], round_: int, streamed: bool) -> list[dict]:
+    """Tag one round's rows and give each its ratio to that round's bf16 row at the same concurrency."""
+    bf16 = {r["concurrency"]: r for r in rows if r["setting"] == BF16.name}
+    for row in rows:
+        row["round"] = round_
+        row["vs_bf16"] = row["tokens_per_s"] / bf16[row["concurrency"]]["tokens_per_s"]
+        if streamed:
+            row["decode_vs_bf16"] = row["decode_tokens_per_s"] / bf16[row["concurrency"]]["decode_tokens_per_s"]
+    return rows
+
+
+SUMMARY_COLUMNS = ("setting", "pool_tokens", "concurrency", "tokens_per_s", "vs_bf16", "decode_tokens_per_s",
+                   "decode_vs_bf16")  # fmt: skip
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per (setting, pool, concurrency), in first-seen order: the median over rounds of each rate and ratio."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["setting"], row["pool_tokens"], row["concurrency"]), []).append(row)
+    summary = []
+    for (setting, pool_tokens, concurrency), group in groups.items():
+        entry = {"setting": setting, "pool_tokens": pool_tokens, "concurrency": concurrency, "rounds": len(group)}
+        for key in SUMMARY_COLUMNS[3:]:
+            if key in group[0]:
+                entry[key] = statistics.median(r[key] for r in group)
+                entry[f"{key}_per_round"] = [r[key] for r in group]
+        summary.append(entry)
+    return summary
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m tq_serve.bench serve", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tq-tiny", help="alias from configs/models.yaml or a model directory")
@@ -183,9 +219,15 @@ def main(argv: list[str]) -> int:
         help="long prompts of this many random tokens, streamed (TTFT, decode rate), served by a random-weight "
         "copy of the model with a context long enough (built in a temporary directory)",
     )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="repeat bf16 and every setting this many times (ratios per round)"
+    )
     parser.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     parser.add_argument("--out", type=Path, default=Path("bench-results/serve.json"))
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        print(f"error: --rounds must be at least 1, got {args.rounds}", file=sys.stderr)
+        return 2
     try:
         settings = [BF16] + [KVSetting(bits=parse_bits(b), variant=args.variant) for b in args.bits]
     except ValueError as err:
@@ -200,22 +242,22 @@ def main(argv: list[str]) -> int:
             context = args.prompt_tokens + args.output_tokens + 64
             copy = long_context_copy(source, context, Path(logs) / f"{source.name}-random-{context}")
             selected = model_flags(str(copy), None)
+        rows = []
         try:
-            rows = run_setting(selected, BF16, args, Path(logs), args.pool_tokens[0])
-            for setting in settings[1:]:
-                for pool_tokens in args.pool_tokens:
-                    rows += run_setting(selected, setting, args, Path(logs), pool_tokens)
+            for round_ in range(args.rounds):
+                measured = run_setting(selected, BF16, args, Path(logs), args.pool_tokens[0])
+                for setting in settings[1:]:
+                    for pool_tokens in args.pool_tokens:
+                        measured += run_setting(selected, setting, args, Path(logs), pool_tokens)
+                rows += with_ratios(measured, round_, bool(args.prompt_tokens))
         except RuntimeError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
-    bf16 = {r["concurrency"]: r for r in rows if r["setting"] == BF16.name}
-    for row in rows:
-        row["vs_bf16"] = row["tokens_per_s"] / bf16[row["concurrency"]]["tokens_per_s"]
-        if args.prompt_tokens:
-            row["decode_vs_bf16"] = row["decode_tokens_per_s"] / bf16[row["concurrency"]]["decode_tokens_per_s"]
     config = {k: v for k, v in vars(args).items() if k not in ("json", "out")}
-    report = write_report(args.out, "serve", config, rows)
+    extra = {"summary": summarise(rows)} if args.rounds > 1 else {}
+    report = write_report(args.out, "serve", config, rows, **extra)
     columns = {
+        "round": "d",
         "setting": "",
         "pool_tokens": "d",
         "concurrency": "d",
@@ -226,5 +268,11 @@ def main(argv: list[str]) -> int:
     }
     if args.prompt_tokens:
         columns |= {"ttft_s": ".2f", "decode_tokens_per_s": ".1f", "decode_vs_bf16": ".2f"}
-    print(json.dumps(report, indent=1) if args.json else table(rows, columns))
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print(table(rows, columns))
+    if args.rounds > 1:
+        print(f"\nmedian of {args.rounds} rounds:")
+        print(table(report["summary"], {k: v for k, v in columns.items() if k in SUMMARY_COLUMNS}))
     return 0
