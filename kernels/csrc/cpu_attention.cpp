@@ -513,6 +513,90 @@ inline void by_four(int count, F&& body) {
     }
 }
 
+// What a decode work item keeps for its group's queries: their query and output rows, the tile's scores (turned in
+// place into softmax weights p * n) and QJL weights (p * n * gamma * c_d), alpha, and the tile's norm scales.
+struct GroupState {
+    int G;
+    std::vector<float> weights;
+    std::vector<const float*> q, w, wq;
+    std::vector<float*> out;
+    std::vector<float> alpha;
+    float scales[kDecodeTile] = {}, qjl_scales[kDecodeTile] = {};
+
+    // Sets the online-softmax state m[g], l[g], acc[g * Ev ...] of request b, KV head h to empty.
+    GroupState(const DecodeArgs& a, int64_t b, int64_t h, float* m, float* l, float* acc)
+        : G(a.group), weights(static_cast<size_t>(2 * a.group) * kDecodeTile), q(G), w(G), wq(G), out(G), alpha(G) {
+        const int ev = a.vs->width;
+        for (int g = 0; g < G; ++g) {
+            q[g] = a.q + b * a.q_row_stride + (h * G + g) * a.q_head_stride;
+            w[g] = &weights[static_cast<size_t>(g) * kDecodeTile];
+            wq[g] = &weights[static_cast<size_t>(G + g) * kDecodeTile];
+            out[g] = acc + static_cast<size_t>(g) * ev;
+            m[g] = kNegInf;
+            l[g] = 0.f;
+        }
+        std::fill(acc, acc + static_cast<size_t>(G) * ev, 0.f);
+    }
+
+    float* scores() { return weights.data(); }
+
+    // The softmax update of a tile of nt scored keys (scales: V's norm scales by now): m, l and alpha move on, the
+    // scores become weights p * n and p * n * gamma * c_d. A max is exact in any order; the rest is per key.
+    void softmax(int nt, float* m, float* l) {
+        for (int g = 0; g < G; ++g) {
+            float* sg = scores() + g * kDecodeTile;
+            float* pq = &weights[static_cast<size_t>(G + g) * kDecodeTile];
+#ifdef __AVX512F__
+            static_assert(kDecodeTile == 32, "a tile's scores are two registers");
+            const __mmask16 live0 = nt >= 16 ? 0xffff : (1u << nt) - 1;
+            const __mmask16 live1 = nt >= 32 ? 0xffff : (1u << std::max(0, nt - 16)) - 1;
+            const __m512 neg = _mm512_set1_ps(kNegInf);
+            const __m512 mx =
+                _mm512_max_ps(_mm512_mask_loadu_ps(neg, live0, sg), _mm512_mask_loadu_ps(neg, live1, sg + 16));
+            const float m_new = std::max(m[g], _mm512_reduce_max_ps(mx));
+#else
+            float m_new = m[g];
+            for (int t = 0; t < nt; ++t) m_new = std::max(m_new, sg[t]);
+#endif
+            alpha[g] = std::exp(m[g] - m_new);
+            const float sum = exp_shifted_sum(sg, nt, kDecodeTile, m_new);  // zeros past nt
+            for (int t = 0; t < kDecodeTile; ++t) {
+                pq[t] = sg[t] * qjl_scales[t];
+                sg[t] *= scales[t];
+            }
+            l[g] = l[g] * alpha[g] + sum;
+            m[g] = m_new;
+        }
+    }
+};
+
+// body(slots, nt) for each tile of a work item's keys [k0, k1) in order, the next tile's code rows and norms
+// prefetched before it runs.
+template <typename F>
+void for_each_tile(const DecodeArgs& a, int64_t h, int64_t first, int64_t k0, int64_t k1, F&& body) {
+    int64_t slots[kDecodeTile], next[kDecodeTile];
+    const auto load_slots = [&](int64_t t0, int64_t* dst) {
+        const int nt = static_cast<int>(std::min<int64_t>(kDecodeTile, k1 - t0));
+        for (int t = 0; t < nt; ++t) dst[t] = slot_at(a.kv_indices, a.indices_64, first + t0 + t);
+        return nt;
+    };
+    if (k0 < k1) {
+        const int nt = load_slots(k0, slots);
+        prefetch_rows(*a.ks, a.kp, slots, nt, h);
+        prefetch_rows(*a.vs, a.vp, slots, nt, h);
+    }
+    for (int64_t t0 = k0; t0 < k1; t0 += kDecodeTile) {
+        const int nt = static_cast<int>(std::min<int64_t>(kDecodeTile, k1 - t0));
+        if (t0 + kDecodeTile < k1) {  // the next tile's rows arrive while this one is computed
+            const int nn = load_slots(t0 + kDecodeTile, next);
+            prefetch_rows(*a.ks, a.kp, next, nn, h);
+            prefetch_rows(*a.vs, a.vp, next, nn, h);
+        }
+        body(static_cast<const int64_t*>(slots), nt);
+        std::memcpy(slots, next, sizeof(slots));
+    }
+}
+
 // One decode work item: request keys [k0, k1) (positions within the request, slots from `first`), KV head h, the
 // group's queries -> online-softmax state m[g], l[g], acc[g * Ev ...]. Tiles of kDecodeTile keys: K decoded, scored
 // and its softmax update made, then V decoded and accumulated.
@@ -523,83 +607,37 @@ void decode_chunk(const DecodeArgs& a, int64_t b, int64_t h, int64_t first, int6
     const int G = a.group, ek = ks.width, ev = vs.width, dk = ks.head_dim, dv = vs.head_dim;
     const bool k_prod = ks.norms_per_vector == 2, v_prod = vs.norms_per_vector == 2;
     std::vector<float> tile(static_cast<size_t>(kDecodeTile) * std::max(ek, ev));
-    std::vector<float> weights(static_cast<size_t>(2 * G) * kDecodeTile);  // p * n, then p * n * gamma * c_d
-    std::vector<const float*> q(G), w(G), wq(G);
-    std::vector<float*> out(G);
-    std::vector<float> alpha(G);
-    float scales[kDecodeTile], qjl_scales[kDecodeTile], dots[4] = {}, qjl_dots[4] = {};
-    int64_t slots[kDecodeTile];
-    for (int g = 0; g < G; ++g) {
-        q[g] = a.q + b * a.q_row_stride + (h * G + g) * a.q_head_stride;
-        w[g] = &weights[static_cast<size_t>(g) * kDecodeTile];
-        wq[g] = &weights[static_cast<size_t>(G + g) * kDecodeTile];
-        out[g] = acc + static_cast<size_t>(g) * ev;
-        m[g] = kNegInf;
-        l[g] = 0.f;
-    }
-    std::fill(acc, acc + static_cast<size_t>(G) * ev, 0.f);
-    int64_t next[kDecodeTile];
-    const auto load_slots = [&](int64_t t0, int64_t* out) {
-        const int nt = static_cast<int>(std::min<int64_t>(kDecodeTile, k1 - t0));
-        for (int t = 0; t < nt; ++t) out[t] = slot_at(a.kv_indices, a.indices_64, first + t0 + t);
-        return nt;
-    };
-    if (k0 < k1) {
-        const int nt = load_slots(k0, slots);
-        prefetch_rows(ks, a.kp, slots, nt, h);
-        prefetch_rows(vs, a.vp, slots, nt, h);
-    }
-    for (int64_t t0 = k0; t0 < k1; t0 += kDecodeTile) {
-        const int nt = static_cast<int>(std::min<int64_t>(kDecodeTile, k1 - t0));
-        if (t0 + kDecodeTile < k1) {  // the next tile's rows arrive while this one is computed
-            const int nn = load_slots(t0 + kDecodeTile, next);
-            prefetch_rows(ks, a.kp, next, nn, h);
-            prefetch_rows(vs, a.vp, next, nn, h);
-        }
+    GroupState st(a, b, h, m, l, acc);
+    float dots[4] = {}, qjl_dots[4] = {};
+    for_each_tile(a, h, first, k0, k1, [&](const int64_t* slots, int nt) {
         // The whole tile is decoded before it is read: a row read right after narrow table stores (the non-AVX2
         // ops) stalls on store forwarding, measured 3x slower.
         for (int t = 0; t < nt; ++t) {
             decode_row(ks, code_row(a.kp, slots[t], h), &tile[static_cast<size_t>(t) * ek]);
-            vector_scales(ks, a.kp, slots[t], h, &scales[t], &qjl_scales[t]);
+            vector_scales(ks, a.kp, slots[t], h, &st.scales[t], &st.qjl_scales[t]);
         }
-        float* scores = weights.data();  // the scores, then their softmax weights, in place
+        float* scores = st.scores();
         for (int t = 0; t < nt; ++t) {
             const float* row = &tile[static_cast<size_t>(t) * ek];
             by_four(G, [&](int g0, auto ng) {
-                dots16<decltype(ng)::value>(&q[g0], row, 0, dk, dots);
-                if (k_prod) dots16<decltype(ng)::value>(&q[g0], row, dk, dk, qjl_dots);
+                dots16<decltype(ng)::value>(&st.q[g0], row, 0, dk, dots);
+                if (k_prod) dots16<decltype(ng)::value>(&st.q[g0], row, dk, dk, qjl_dots);
                 for (int i = 0; i < ng; ++i) {
-                    float s = scales[t] * dots[i];
-                    if (k_prod) s += qjl_scales[t] * qjl_dots[i];
+                    float s = st.scales[t] * dots[i];
+                    if (k_prod) s += st.qjl_scales[t] * qjl_dots[i];
                     scores[(g0 + i) * kDecodeTile + t] = cap_logit(s * a.sm_scale, a.logit_cap);
                 }
             });
         }
-        for (int t = 0; t < nt; ++t) {
-            vector_scales(vs, a.vp, slots[t], h, &scales[t], &qjl_scales[t]);
-        }
-        for (int g = 0; g < G; ++g) {
-            float* sg = scores + g * kDecodeTile;
-            float m_new = m[g];
-            for (int t = 0; t < nt; ++t) m_new = std::max(m_new, sg[t]);
-            alpha[g] = std::exp(m[g] - m_new);
-            const float sum = exp_shifted_sum(sg, nt, kDecodeTile, m_new);
-            float* pq = &weights[static_cast<size_t>(G + g) * kDecodeTile];
-            for (int t = 0; t < nt; ++t) {
-                pq[t] = sg[t] * qjl_scales[t];
-                sg[t] *= scales[t];
-            }
-            l[g] = l[g] * alpha[g] + sum;
-            m[g] = m_new;
-        }
+        for (int t = 0; t < nt; ++t) vector_scales(vs, a.vp, slots[t], h, &st.scales[t], &st.qjl_scales[t]);
+        st.softmax(nt, m, l);
         for (int t = 0; t < nt; ++t) decode_row(vs, code_row(a.vp, slots[t], h), &tile[static_cast<size_t>(t) * ev]);
         by_four(G, [&](int g0, auto ng) {
-            accumulate16<decltype(ng)::value>(&out[g0], &alpha[g0], &w[g0], tile.data(), ev, nt, 0, dv);
-            if (v_prod)
-                accumulate16<decltype(ng)::value>(&out[g0], &alpha[g0], &wq[g0], tile.data(), ev, nt, dv, ev);
+            constexpr int NG = decltype(ng)::value;
+            accumulate16<NG>(&st.out[g0], &st.alpha[g0], &st.w[g0], tile.data(), ev, nt, 0, dv);
+            if (v_prod) accumulate16<NG>(&st.out[g0], &st.alpha[g0], &st.wq[g0], tile.data(), ev, nt, dv, ev);
         });
-        std::memcpy(slots, next, sizeof(slots));
-    }
+    });
 }
 
 #ifdef __AVX512F__
@@ -779,97 +817,47 @@ void decode_chunk_blocks(const DecodeArgs& a, const BlockPlan& kplan, const Bloc
                          int64_t first, int64_t k0, int64_t k1, float* m, float* l, float* acc) {
     const VectorSpec& ks = *a.ks;
     const VectorSpec& vs = *a.vs;
-    const int G = a.group, ev = vs.width, kvalue_blocks = ks.head_dim / 16, vvalue_blocks = vs.head_dim / 16;
+    const int G = a.group, kvalue_blocks = ks.head_dim / 16, vvalue_blocks = vs.head_dim / 16;
     const bool k_prod = ks.norms_per_vector == 2;
-    constexpr int kMaxGroup = 64;
-    const float* q[kMaxGroup];
-    float* out[kMaxGroup];
-    float alpha[kMaxGroup];
-    alignas(64) float weights[2 * kMaxGroup * kDecodeTile];  // scores, then p * n; p * n * gamma * c_d
-    const float* w[kMaxGroup];
-    const float* wq[kMaxGroup];
-    float scales[kDecodeTile] = {}, qjl_scales[kDecodeTile] = {}, dots[16], qjl_dots[16];
-    int64_t slots[kDecodeTile], next[kDecodeTile];
+    GroupState st(a, b, h, m, l, acc);
+    float dots[16], qjl_dots[16];
     const uint8_t* krows[kDecodeTile];
     const uint8_t* vrows[kDecodeTile];
-    for (int g = 0; g < G; ++g) {
-        q[g] = a.q + b * a.q_row_stride + (h * G + g) * a.q_head_stride;
-        w[g] = &weights[static_cast<size_t>(g) * kDecodeTile];
-        wq[g] = &weights[static_cast<size_t>(G + g) * kDecodeTile];
-        out[g] = acc + static_cast<size_t>(g) * ev;
-        m[g] = kNegInf;
-        l[g] = 0.f;
-    }
-    std::fill(acc, acc + static_cast<size_t>(G) * ev, 0.f);
-    const auto load_slots = [&](int64_t t0, int64_t* dst) {
-        const int nt = static_cast<int>(std::min<int64_t>(kDecodeTile, k1 - t0));
-        for (int t = 0; t < nt; ++t) dst[t] = slot_at(a.kv_indices, a.indices_64, first + t0 + t);
-        return nt;
-    };
-    if (k0 < k1) {
-        const int nt = load_slots(k0, slots);
-        prefetch_rows(ks, a.kp, slots, nt, h);
-        prefetch_rows(vs, a.vp, slots, nt, h);
-    }
-    for (int64_t t0 = k0; t0 < k1; t0 += kDecodeTile) {
-        const int nt = static_cast<int>(std::min<int64_t>(kDecodeTile, k1 - t0));
-        if (t0 + kDecodeTile < k1) {
-            const int nn = load_slots(t0 + kDecodeTile, next);
-            prefetch_rows(ks, a.kp, next, nn, h);
-            prefetch_rows(vs, a.vp, next, nn, h);
-        }
+    for_each_tile(a, h, first, k0, k1, [&](const int64_t* slots, int nt) {
         for (int t = 0; t < nt; ++t) {
             krows[t] = code_row(a.kp, slots[t], h);
             vrows[t] = code_row(a.vp, slots[t], h);
-            vector_scales(ks, a.kp, slots[t], h, &scales[t], &qjl_scales[t]);
+            vector_scales(ks, a.kp, slots[t], h, &st.scales[t], &st.qjl_scales[t]);
         }
-        float* scores = weights;
+        float* scores = st.scores();
         by_four(G, [&](int g0, auto ng) {
             constexpr int NG = decltype(ng)::value, KT = NG <= 2 ? 4 : 2;  // KT x NG accumulators: 8 registers
             const auto score = [&](int t, int kt) {
                 for (int u = 0; u < kt; ++u)
                     for (int i = 0; i < NG; ++i) {
-                        float s = scales[t + u] * dots[u * NG + i];
-                        if (k_prod) s += qjl_scales[t + u] * qjl_dots[u * NG + i];
+                        float s = st.scales[t + u] * dots[u * NG + i];
+                        if (k_prod) s += st.qjl_scales[t + u] * qjl_dots[u * NG + i];
                         scores[(g0 + i) * kDecodeTile + t + u] = cap_logit(s * a.sm_scale, a.logit_cap);
                     }
             };
             int t = 0;
             for (; t + KT <= nt; t += KT) {
-                key_dots<KK, NG, KT>(kplan, kvalue_blocks, &krows[t], &q[g0], dots, qjl_dots);
+                key_dots<KK, NG, KT>(kplan, kvalue_blocks, &krows[t], &st.q[g0], dots, qjl_dots);
                 score(t, KT);
             }
             for (; t < nt; ++t) {
-                key_dots<KK, NG, 1>(kplan, kvalue_blocks, &krows[t], &q[g0], dots, qjl_dots);
+                key_dots<KK, NG, 1>(kplan, kvalue_blocks, &krows[t], &st.q[g0], dots, qjl_dots);
                 score(t, 1);
             }
         });
-        for (int t = 0; t < nt; ++t) vector_scales(vs, a.vp, slots[t], h, &scales[t], &qjl_scales[t]);
-        static_assert(kDecodeTile == 32, "a tile's scores are two registers");
-        const __mmask16 live0 = nt >= 16 ? 0xffff : (1u << nt) - 1, live1 = nt >= 32 ? 0xffff : (1u << std::max(0, nt - 16)) - 1;
-        for (int g = 0; g < G; ++g) {
-            float* sg = scores + g * kDecodeTile;
-            const __m512 neg = _mm512_set1_ps(kNegInf);
-            const __m512 mx = _mm512_max_ps(_mm512_mask_loadu_ps(neg, live0, sg), _mm512_mask_loadu_ps(neg, live1, sg + 16));
-            const float m_new = std::max(m[g], _mm512_reduce_max_ps(mx));  // a max is exact in any order
-            alpha[g] = std::exp(m[g] - m_new);
-            const float sum = exp_shifted_sum(sg, nt, kDecodeTile, m_new);
-            float* pq = &weights[static_cast<size_t>(G + g) * kDecodeTile];
-            for (int t = 0; t < kDecodeTile; t += 16) {
-                const __m512 p = _mm512_loadu_ps(sg + t);
-                _mm512_storeu_ps(pq + t, _mm512_mul_ps(p, _mm512_loadu_ps(qjl_scales + t)));
-                _mm512_storeu_ps(sg + t, _mm512_mul_ps(p, _mm512_loadu_ps(scales + t)));
-            }
-            l[g] = l[g] * alpha[g] + sum;
-            m[g] = m_new;
-        }
+        for (int t = 0; t < nt; ++t) vector_scales(vs, a.vp, slots[t], h, &st.scales[t], &st.qjl_scales[t]);
+        st.softmax(nt, m, l);
         by_four(G, [&](int g0, auto ng) {
             for (int j0 = 0; j0 < vplan.n; j0 += 4)
-                value_blocks4<VK, decltype(ng)::value>(vplan, j0, vrows, nt, &out[g0], &alpha[g0],
-                                                        j0 < vvalue_blocks ? &w[g0] : &wq[g0]);
+                value_blocks4<VK, decltype(ng)::value>(vplan, j0, vrows, nt, &st.out[g0], &st.alpha[g0],
+                                                        j0 < vvalue_blocks ? &st.w[g0] : &st.wq[g0]);
         });
-        std::memcpy(slots, next, sizeof(slots));
-    }
+    });
 }
 #endif
 
@@ -903,7 +891,7 @@ void decode_attention(const float* q, int64_t q_row_stride, int64_t q_head_strid
     const int threads = thread_count(num_threads);
 #ifdef __AVX512F__
     const BlockPlan kplan = block_plan(*ks), vplan = block_plan(*vs);
-    const bool blocks = kplan.ok && vplan.ok && G <= 64;
+    const bool blocks = kplan.ok && vplan.ok;
     // the kinds the block decoders are specialised on: one plane's field, a split 3-bit channel, or mixed
     const int kk = kplan.uniform == 0 || kplan.uniform == 1 ? kplan.uniform : -1;
     const int vk = vplan.uniform == 0 || vplan.uniform == 1 ? vplan.uniform : -1;
