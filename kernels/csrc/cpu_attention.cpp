@@ -360,8 +360,8 @@ inline int64_t slot_at(const void* indices, int indices_64, int64_t i) {
 }
 
 // The norm scales of one vector: the value part's (n) and, for prod, the QJL part's (n * gamma * qjl_scale).
-__attribute__((always_inline)) inline void vector_scales(const VectorSpec& spec, const PoolView& pool, int64_t slot, int64_t head, float* value,
-                          float* qjl) {
+__attribute__((always_inline)) inline void vector_scales(const VectorSpec& spec, const PoolView& pool, int64_t slot,
+                                                         int64_t head, float* value, float* qjl) {
     if (spec.norms_per_vector == 0) {
         *value = 1.f;
         *qjl = 0.f;
@@ -753,8 +753,9 @@ inline float fold16(__m512 v) {
 // dots[u * NG + i] / qjl[u * NG + i]: query i's products with the value part (blocks below value_blocks) and the
 // QJL part of key u's row, for KT keys at once (each block's descriptor and query blocks read once for them all).
 template <int KIND, int NG, int KT>
-__attribute__((always_inline)) inline void key_dots(const BlockPlan& plan, int value_blocks, const uint8_t* const* rows, const float* const* q,
-                     float* dots, float* qjl) {
+__attribute__((always_inline)) inline void key_dots(const BlockPlan& plan, int value_blocks,
+                                                    const uint8_t* const* rows, const float* const* q, float* dots,
+                                                    float* qjl) {
     __m512 c[KT][NG];
     for (int u = 0; u < KT; ++u)
         for (int i = 0; i < NG; ++i) c[u][i] = _mm512_setzero_ps();
