@@ -117,7 +117,7 @@ namespace {
 inline float half_to_float(uint16_t h) {
 #ifdef __F16C__
     return _cvtsh_ss(h);  // exact for every half, subnormals included (the conversion ignores DAZ)
-#endif
+#else
     const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
     const uint32_t exponent = (h >> 10) & 0x1fu;
     const uint32_t mantissa = h & 0x3ffu;
@@ -138,6 +138,7 @@ inline float half_to_float(uint16_t h) {
     float out;
     std::memcpy(&out, &bits, 4);
     return out;
+#endif
 }
 
 inline float read_norm(const VectorSpec& spec, const PoolView& pool, int64_t slot, int64_t head, int which) {
@@ -304,6 +305,13 @@ inline float lane_dot(const float* a, const float* b, int n) {
 }
 
 #ifdef __AVX2__
+// The sum of 8 lanes by a fixed tree: lane l + lane l + 4, then 2, 1.
+inline float fold8(__m256 v8) {
+    const __m128 v4 = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps(v8, 1));
+    const __m128 v2 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));
+    return _mm_cvtss_f32(_mm_add_ss(v2, _mm_movehdup_ps(v2)));
+}
+
 // exp(x) of 8 floats (Cephes expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp); exactly 0 below -87.
 // The scalar libm exp made the softmax 90% of an extend's time.
 inline __m256 exp256(__m256 x) {
@@ -338,9 +346,7 @@ inline float exp_shifted_sum(float* s, int n, int padded, float m) {
         _mm256_storeu_ps(s + t, p);
         sum = _mm256_add_ps(sum, p);
     }
-    const __m128 v4 = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-    const __m128 v2 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));
-    return _mm_cvtss_f32(_mm_add_ss(v2, _mm_movehdup_ps(v2)));
+    return fold8(sum);
 #else
     float lanes[8] = {0};
     for (int t = 0; t < padded; ++t) {
@@ -441,12 +447,7 @@ inline void dots16(const float* const* q, const float* row, int off, int n, floa
             c[i][1] = _mm256_fmadd_ps(_mm256_loadu_ps(q[i] + off + e + 8), r1, c[i][1]);
         }
     }
-    for (int i = 0; i < NG; ++i) {
-        const __m256 v8 = _mm256_add_ps(c[i][0], c[i][1]);
-        const __m128 v4 = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps(v8, 1));
-        const __m128 v2 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));
-        out[i] = _mm_cvtss_f32(_mm_add_ss(v2, _mm_movehdup_ps(v2)));
-    }
+    for (int i = 0; i < NG; ++i) out[i] = fold8(_mm256_add_ps(c[i][0], c[i][1]));
 #else
     for (int i = 0; i < NG; ++i) out[i] = lane_dot(q[i] + off, row, n);
 #endif
@@ -741,13 +742,10 @@ inline __m512 decode_block(const Block& b, const uint8_t* row, __m512 table) {
 
 inline __m512 block_table(const Block& b) { return b.table ? _mm512_loadu_ps(b.table) : _mm512_setzero_ps(); }
 
-// The sum of 16 lanes by a fixed tree: lane l + lane l + 8, then 4, 2, 1.
+// The sum of 16 lanes by a fixed tree: lane l + lane l + 8, then fold8 (the tree dots16's two halves take).
 inline float fold16(__m512 v) {
-    const __m256 v8 = _mm256_add_ps(_mm512_castps512_ps256(v),
-                                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-    const __m128 v4 = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps(v8, 1));
-    const __m128 v2 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));
-    return _mm_cvtss_f32(_mm_add_ss(v2, _mm_movehdup_ps(v2)));
+    return fold8(_mm256_add_ps(_mm512_castps512_ps256(v),
+                               _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
 }
 
 // dots[u * NG + i] / qjl[u * NG + i]: query i's products with the value part (blocks below value_blocks) and the
